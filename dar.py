@@ -1,0 +1,158 @@
+"""
+Diffusion-Adaptive Routing (DAR): the residual stream of a DiT replaced by softmax routing over depth.
+
+Number the sublayers l = 1..L (attention, MLP, attention, MLP, ...; L = 2 * depth) and call v_l the output
+of sublayer l, adaLN-Zero gate included; v_0 is the embedded input. A residual DiT feeds sublayer l the
+running sum h_l = v_0 + ... + v_{l-1}. DAR feeds it a learned, timestep-adaptive convex combination instead:
+
+    h_l = sum_{i in S_l} alpha_{i->l} v_i,   alpha_{i->l} = softmax_i(q_l . k_i / sqrt(d)),   k_i = RMSNorm_l(v_i)   Eq. (5)
+
+The query q_l comes in three variants (Eq. 6 and "Timestep injection"), chosen by `routing`:
+    static     q_l = w_l                 one learned vector per aggregator
+    explicit   q_l = w_l + e(t)          e(t) is the model's own timestep embedding (no extra parameters)
+    dynamic    q_l = W_q^(l) v_{l-1}     one bias-free d x d projection per aggregator, a query per token
+All queries start at zero, so every aggregator starts as a uniform average of its sources.
+
+The source set S_l is chunked (Eq. 7) and a dedicated final aggregator (Eq. 11) feeds the prediction head;
+`sources` below is the one definition of both. Everything here is plain PyTorch: `mix` is the readable
+reference of Eq. (5) and the CPU path, `aggregate` is the one place where a fused kernel takes over.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTINGS = ("residual", "static", "explicit", "dynamic")
+FINAL_AGGS = ("dedicated", "reuse")
+KERNELS = ("auto", "triton", "torch")
+
+
+def sources(l, chunk, num_sublayers):
+    """Indices of the sources that aggregator l reads (0 = the embedding v_0, i = sublayer output v_i).
+
+    l is 1-based: l = 1..L are the sublayers, l = L + 1 is the final aggregator. chunk is S, counted in
+    sublayers (S = 4 is two transformer blocks; S = 1 is dense routing over every earlier output).
+    """
+    L, S = num_sublayers, chunk
+    if not (isinstance(S, int) and 1 <= S <= L):
+        raise ValueError(f"chunk size must be an integer in [1, {L}] (the number of sublayers), got {S!r}")
+    if not 1 <= l <= L + 1:
+        raise ValueError(f"aggregator index must be in [1, {L + 1}] (L + 1 is the final aggregator), got {l}")
+    if l <= L:
+        n = math.ceil(l / S)  # sublayer l lies in chunk n
+        # Eq. (7): prior chunk summaries c_0 = v_0, c_j = v_{jS}, then the current chunk's earlier outputs
+        return [j * S for j in range(n)] + list(range((n - 1) * S + 1, l))
+    N = math.ceil(L / S)
+    # Eq. (11): summaries of every chunk before the last, then the raw outputs of the last chunk
+    return [j * S for j in range(N)] + list(range((N - 1) * S + 1, L + 1))
+
+
+def mix(sources, q, gamma, shift=None, scale=None, eps=1e-6):
+    """Reference path of Eq. (5), optionally followed by the next sublayer's LayerNorm + adaLN modulate.
+
+    sources: N tensors (B, T, d) of one dtype; q: (d,) static, (B, d) explicit or (B, T, d) dynamic;
+    gamma: (d,) the RMSNorm gain of the keys; shift, scale: (B, d) or None.
+    Returns (x, h, alpha): h (B, T, d) the aggregated state, x = LN(h) * (1 + scale) + shift (h itself when
+    shift and scale are None), both in the sources' dtype, and alpha (B, T, N) the routing weights.
+    Statistics, softmax and accumulation run in fp32 (fp64 for fp64 inputs), elementwise, so bf16 autocast
+    cannot lower them.
+    """
+    dtype, d = sources[0].dtype, sources[0].shape[-1]
+    if any(v.dtype != dtype for v in sources):
+        raise TypeError(f"DAR sources must share one dtype, got {sorted({str(v.dtype) for v in sources})}")
+    acc = torch.promote_types(dtype, torch.float32)
+    v = torch.stack([s.to(acc) for s in sources], dim=2)  # (B, T, N, d)
+    k = v * torch.rsqrt(v.square().mean(-1, keepdim=True) + eps) * gamma.to(acc)  # RMSNorm keys
+    if q.dim() == 2:
+        q = q[:, None]  # one query per sample -> broadcast over tokens
+    logits = (k * q.to(acc).unsqueeze(-2)).sum(-1) / math.sqrt(d)  # (B, T, N)
+    alpha = logits.softmax(dim=-1)
+    h = (alpha.unsqueeze(-1) * v).sum(dim=2)  # (B, T, d)
+    x = h
+    if shift is not None:
+        x = F.layer_norm(h, (d,), eps=eps) * (1 + scale.to(acc)[:, None]) + shift.to(acc)[:, None]
+    return x.to(dtype), h.to(dtype), alpha
+
+
+def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_alpha=False):
+    """The one dispatch point between the fused kernel and the reference `mix`; same arguments and returns.
+
+    kernel: "torch" the reference path; "triton" the fused kernel; "auto" the fused kernel where it exists.
+    need_alpha asks for the routing weights, which only the reference path materialises.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "triton":
+        raise NotImplementedError("the fused DAR kernel (kernel.py) is not in this checkout yet: use kernel='torch'")
+    return mix(sources, q, gamma, shift, scale)
+
+
+class Router(nn.Module):
+    """One DAR aggregator: the RMSNorm gain gamma of its keys and its query (Eq. 6)."""
+
+    def __init__(self, dim, routing):
+        super().__init__()
+        if routing not in ROUTINGS[1:]:
+            raise ValueError(f"a router's routing must be one of {ROUTINGS[1:]}, got {routing!r}")
+        self.routing = routing
+        self.gamma = nn.Parameter(torch.ones(dim))
+        if routing == "dynamic":
+            self.query = nn.Linear(dim, dim, bias=False)  # W_q^(l)
+        else:
+            self.query = nn.Parameter(torch.zeros(dim))  # w_l
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Zero queries make every softmax uniform at step 0 (as AttnRes prescribes); unit gains as RMSNorm's.
+        nn.init.ones_(self.gamma)
+        nn.init.zeros_(self.query.weight if self.routing == "dynamic" else self.query)
+
+    def forward(self, v_prev, e):
+        """The query q_l from v_{l-1} (B, T, d) and e(t) (B, d): (d,), (B, d) or (B, T, d) by variant."""
+        if self.routing == "dynamic":
+            return self.query(v_prev)
+        if self.routing == "explicit":
+            return self.query + e
+        return self.query
+
+
+class Routers(nn.ModuleDict):
+    """Every aggregator of a DAR model, keyed by the paper's l: routers["1"] ... routers[str(L)], and
+    routers["final"] for the dedicated final aggregator (Appendix C.3).
+
+    With final_agg="reuse" (the REPA-specific design, Appendix C.3) there is no "final" router: the final
+    aggregation runs over the same source set with the query and gamma of router L, the last MLP sublayer.
+    """
+
+    def __init__(self, dim, num_sublayers, routing, chunk=4, final_agg="dedicated", kernel="auto"):
+        if final_agg not in FINAL_AGGS:
+            raise ValueError(f"final_agg must be one of {FINAL_AGGS}, got {final_agg!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        L = num_sublayers
+        source_sets = [sources(l, chunk, L) for l in range(1, L + 2)]  # validates chunk
+        routers = {str(l): Router(dim, routing) for l in range(1, L + 1)}
+        if final_agg == "dedicated":
+            routers["final"] = Router(dim, routing)
+        super().__init__(routers)
+        self.num_sublayers, self.final_agg, self.kernel = L, final_agg, kernel
+        self.source_sets = source_sets  # source_sets[l - 1] is S_l
+        # The last aggregator that reads each source; after it, the source can be freed (the memory saving of Eq. 7).
+        self.last_reader = {i: l for l, S_l in enumerate(source_sets, start=1) for i in S_l}
+
+    def router(self, l):
+        """The Router that aggregator l (1..L+1) uses."""
+        if l <= self.num_sublayers:
+            return self[str(l)]
+        return self["final"] if self.final_agg == "dedicated" else self[str(self.num_sublayers)]
+
+    def forward(self, l, vs, e, shift=None, scale=None, need_alpha=False):
+        """Aggregation l over vs, a dict {i: v_i} holding at least S_l; e is the timestep embedding (B, d).
+
+        The query input is v_{l-1}, which is always in S_l; for the final aggregator it is v_L (Eq. 6).
+        Returns (x, h, alpha) as `mix` does.
+        """
+        router = self.router(l)
+        q = router(vs[l - 1], e)
+        return aggregate([vs[i] for i in self.source_sets[l - 1]], q, router.gamma, shift, scale, self.kernel, need_alpha)
