@@ -1,0 +1,418 @@
+"""
+The fused DAR aggregation (the paper's Appendix E), in Triton: for every token row,
+
+    h = sum_i softmax_i(q . RMSNorm(v_i) * gamma / sqrt(d)) v_i       (Eq. 5)
+    x = LN(h) * (1 + scale) + shift                                     (optional: the next sublayer's input)
+
+Why a kernel. dar.mix, the reference, stacks the N sources into an fp32 (B, T, N, d) tensor, builds the keys,
+the logits, the weights and the weighted sum as separate ops, and autograd keeps several of those
+(B, T, N, d) intermediates alive until the backward: each source is read about four times forward and the
+activation memory grows with N (N = 57 for dense routing at SiT-XL/2). Here:
+- forward: one program per row streams the sources once with an online softmax (running max m, running sum Z,
+  running weighted sum), all in fp32 registers, and writes x (and h when asked). Nothing else is stored;
+- backward: pass 1 streams the sources again to recover m, Z and h; pass 2 streams them once more to
+  recompute each key and weight and emit dv_i; dq, dgamma, dscale and dshift are summed per program in fp32
+  registers and the per-program partials are summed on the host (deterministic: no atomics).
+Sources stay separate tensors (a tuple argument, padded to a power of two), never stacked: stacking per layer
+would make memory quadratic in depth.
+
+    python kernel.py    benchmarks naive vs fused at the SiT-XL/2 working point (needs a CUDA GPU)
+
+Tests: test_parity.py (on a CPU under TRITON_INTERPRET=1 at small shapes, at full size on a GPU).
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+EPS = tl.constexpr(1e-6)  # of the keys' RMSNorm and the output LayerNorm, as in dar.mix and SiT
+
+
+def _configs():
+    # Several configs make the autotuner benchmark on a GPU; the interpreter has no GPU to benchmark on.
+    if INTERPRET or not torch.cuda.is_available():
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+
+
+#################################################################################
+#                                   Kernels                                     #
+#################################################################################
+
+@triton.jit
+def _query(Q, GAMMA, row, T, offs, mask, D: tl.constexpr, Q_MODE: tl.constexpr):
+    """q * gamma for this row, fp32: the gain folds into the query, so a key costs no extra multiply."""
+    if Q_MODE == 0:  # one vector (static)
+        q = tl.load(Q + offs, mask=mask, other=0.0).to(tl.float32)
+    elif Q_MODE == 1:  # one per sample (explicit)
+        q = tl.load(Q + (row // T) * D + offs, mask=mask, other=0.0).to(tl.float32)
+    else:  # one per token (dynamic)
+        q = tl.load(Q + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    return q, q * tl.load(GAMMA + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _logit(v, qw, D: tl.constexpr, SM_SCALE: tl.constexpr):
+    """s = q . (v * rstd * gamma) / sqrt(d) and rstd = 1 / RMS(v), both fp32 scalars."""
+    rstd = tl.rsqrt(tl.sum(v * v, axis=0) / D + EPS)
+    return tl.sum(v * qw, axis=0) * rstd * SM_SCALE, rstd
+
+
+@triton.jit
+def _softmax_mix(SRC, N, base, offs, mask, qw, NMAX: tl.constexpr, D: tl.constexpr, SM_SCALE: tl.constexpr):
+    """One pass over a row's sources with an online softmax; returns (m, Z, h) with h = sum_i p_i v_i."""
+    m = tl.full([], float("-inf"), tl.float32)  # running max of the logits
+    z = tl.zeros([], tl.float32)  # running sum of exp(s_i - m)
+    acc = tl.zeros_like(qw)  # running sum of exp(s_i - m) v_i
+    for i in tl.static_range(NMAX):
+        if i < N:
+            v = tl.load(SRC[i] + base + offs, mask=mask, other=0.0).to(tl.float32)
+            s, _ = _logit(v, qw, D, SM_SCALE)
+            m_new = tl.maximum(m, s)
+            r, p = tl.exp(m - m_new), tl.exp(s - m_new)
+            z = z * r + p
+            acc = acc * r + p * v
+            m = m_new
+    return m, z, acc / z
+
+
+@triton.jit
+def _layer_norm(h, mask, D: tl.constexpr):
+    """(h - mean) / std over the row (no affine), with the padding lanes kept at zero; returns (xhat, rstd)."""
+    mean = tl.sum(h, axis=0) / D
+    hc = tl.where(mask, h - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(hc * hc, axis=0) / D + EPS)
+    return hc * rstd, rstd
+
+
+@triton.autotune(configs=_configs(), key=["D", "NMAX", "Q_MODE", "HAS_MOD", "STORE_H"])
+@triton.jit
+def _mix_fwd_kernel(
+    SRC,  # tuple of NMAX pointers to the sources v_i, each (M, D) contiguous; entries past N are padding
+    N,  # number of real sources
+    Q,  # query: (D,), (B, D) or (M, D) by Q_MODE
+    GAMMA,  # (D,) RMSNorm gain of the keys
+    SHIFT,  # (B, D) adaLN shift (read when HAS_MOD)
+    SCALE,  # (B, D) adaLN scale (read when HAS_MOD)
+    X,  # (M, D) out: LN(h) * (1 + scale) + shift, or h without HAS_MOD
+    H,  # (M, D) out: h (written when STORE_H)
+    T,  # rows per sample
+    D: tl.constexpr,  # width d
+    BD: tl.constexpr,  # next power of two >= D
+    NMAX: tl.constexpr,  # padded number of sources
+    Q_MODE: tl.constexpr,  # 0 one query, 1 one per sample, 2 one per row
+    HAS_MOD: tl.constexpr,  # fuse LayerNorm + adaLN modulate
+    STORE_H: tl.constexpr,  # also write h
+    SM_SCALE: tl.constexpr,  # 1 / sqrt(D)
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BD)
+    mask = offs < D
+    base = row * D
+    _, qw = _query(Q, GAMMA, row, T, offs, mask, D, Q_MODE)
+    _, _, h = _softmax_mix(SRC, N, base, offs, mask, qw, NMAX, D, SM_SCALE)
+    x = h
+    if HAS_MOD:
+        if STORE_H:
+            tl.store(H + base + offs, h.to(H.dtype.element_ty), mask=mask)
+        xhat, _ = _layer_norm(h, mask, D)
+        b = row // T
+        scale = tl.load(SCALE + b * D + offs, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(SHIFT + b * D + offs, mask=mask, other=0.0).to(tl.float32)
+        x = xhat * (1.0 + scale) + shift
+    tl.store(X + base + offs, x.to(X.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=["D", "NMAX", "Q_MODE", "HAS_MOD", "HAS_DH"])
+@triton.jit
+def _mix_bwd_kernel(
+    SRC,  # tuple of NMAX source pointers, as in the forward
+    DSRC,  # tuple of NMAX pointers: out, dL/dv_i, each (M, D)
+    N,
+    Q, GAMMA, SHIFT, SCALE,  # the forward's inputs
+    DX,  # (M, D) dL/dx
+    DH,  # (M, D) dL/dh from h's own uses (read when HAS_DH)
+    DQ,  # (M, D) out: dL/dq per row (written when Q_MODE == 2)
+    PART,  # (4, B, J, D) fp32 out: per-program partial sums of dgamma, dq, dshift, dscale
+    T,  # rows per sample
+    J,  # programs per sample
+    R,  # rows per program
+    D: tl.constexpr, BD: tl.constexpr, NMAX: tl.constexpr, Q_MODE: tl.constexpr,
+    HAS_MOD: tl.constexpr, HAS_DH: tl.constexpr, SM_SCALE: tl.constexpr,
+):
+    # Program (b, j) owns rows [j R, (j + 1) R) of sample b, so its dshift/dscale partials belong to one sample.
+    b, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BD)
+    mask = offs < D
+    dgamma = tl.zeros([BD], tl.float32)
+    dq_sum = tl.zeros([BD], tl.float32)
+    dshift = tl.zeros([BD], tl.float32)
+    dscale = tl.zeros([BD], tl.float32)
+    if HAS_MOD:
+        scale = tl.load(SCALE + b * D + offs, mask=mask, other=0.0).to(tl.float32)
+    for t in range(j * R, tl.minimum(j * R + R, T)):
+        row = b * T + t
+        base = row * D
+        q, qw = _query(Q, GAMMA, row, T, offs, mask, D, Q_MODE)
+        # Pass 1: m, Z and h, exactly as the forward computed them.
+        m, z, h = _softmax_mix(SRC, N, base, offs, mask, qw, NMAX, D, SM_SCALE)
+        lse = m + tl.log(z)
+        # dh from x = LN(h) * (1 + scale) + shift: dxhat = dx (1 + scale), then the LayerNorm backward
+        # dh = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
+        dx = tl.load(DX + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_MOD:
+            xhat, rstd_ln = _layer_norm(h, mask, D)
+            dshift += dx
+            dscale += dx * xhat
+            dxhat = dx * (1.0 + scale)
+            dh = rstd_ln * (dxhat - tl.sum(dxhat, axis=0) / D - xhat * (tl.sum(dxhat * xhat, axis=0) / D))
+            dh = tl.where(mask, dh, 0.0)
+        else:
+            dh = dx
+        if HAS_DH:
+            dh += tl.load(DH + base + offs, mask=mask, other=0.0).to(tl.float32)
+        # Pass 2, per source, with p_i = exp(s_i - lse) and delta = sum_i p_i <dh, v_i> = <dh, h>:
+        #   ds_i = p_i (<dh, v_i> - delta)                                   (softmax backward)
+        #   dv_i = p_i dh + ds_i (rstd_i qw / sqrt(d) - s_i rstd_i^2 v_i / d)  (weighted sum + logit through RMSNorm)
+        #   dqw += ds_i rstd_i v_i / sqrt(d)                                 (then dq = dqw gamma, dgamma = dqw q)
+        delta = tl.sum(dh * h, axis=0)
+        dqw = tl.zeros([BD], tl.float32)
+        for i in tl.static_range(NMAX):
+            if i < N:
+                v = tl.load(SRC[i] + base + offs, mask=mask, other=0.0).to(tl.float32)
+                s, rstd = _logit(v, qw, D, SM_SCALE)
+                p = tl.exp(s - lse)
+                ds = p * (tl.sum(dh * v, axis=0) - delta)
+                dv = p * dh + ds * (rstd * SM_SCALE * qw - s * rstd * rstd / D * v)
+                tl.store(DSRC[i] + base + offs, dv.to(DSRC[i].dtype.element_ty), mask=mask)
+                dqw += ds * rstd * SM_SCALE * v
+        gamma = tl.load(GAMMA + offs, mask=mask, other=0.0).to(tl.float32)
+        dgamma += dqw * q
+        if Q_MODE == 2:
+            tl.store(DQ + base + offs, (dqw * gamma).to(DQ.dtype.element_ty), mask=mask)
+        else:
+            dq_sum += dqw * gamma
+    part = PART + (b * J + j) * D + offs
+    plane = tl.num_programs(0).to(tl.int64) * J * D  # elements per partial kind
+    tl.store(part, dgamma, mask=mask)
+    tl.store(part + plane, dq_sum, mask=mask)
+    tl.store(part + 2 * plane, dshift, mask=mask)
+    tl.store(part + 3 * plane, dscale, mask=mask)
+
+
+#################################################################################
+#                                   Launchers                                   #
+#################################################################################
+
+def _pad(tensors, n):
+    return tuple(tensors) + (tensors[0],) * (n - len(tensors))
+
+
+def _check(sources, q, gamma, shift, scale):
+    """Shapes, dtypes and devices a caller can get wrong, each with a clear error; returns (B, T, D, q_mode)."""
+    if not sources:
+        raise ValueError("DAR mix needs at least one source")
+    v = sources[0]
+    if v.dim() != 3:
+        raise ValueError(f"sources must be (B, T, d), got {tuple(v.shape)}")
+    B, T, D = v.shape
+    for s in sources:
+        if s.shape != v.shape or s.dtype != v.dtype or s.device != v.device:
+            raise ValueError(f"all sources must share shape, dtype and device; got {tuple(s.shape)} {s.dtype} "
+                             f"{s.device} vs {tuple(v.shape)} {v.dtype} {v.device}")
+    shapes = {(D,): 0, (B, D): 1, (B, T, D): 2}
+    if tuple(q.shape) not in shapes:
+        raise ValueError(f"q must be ({D},), ({B}, {D}) or ({B}, {T}, {D}); got {tuple(q.shape)}")
+    if tuple(gamma.shape) != (D,):
+        raise ValueError(f"gamma must be ({D},), got {tuple(gamma.shape)}")
+    if (shift is None) != (scale is None) or (shift is not None and (shift.shape != (B, D) or scale.shape != (B, D))):
+        raise ValueError(f"shift and scale must both be ({B}, {D}) or both None")
+    if v.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("the fused DAR kernel runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, "
+                           "for tests); use kernel='torch' elsewhere")
+    return B, T, D, shapes[tuple(q.shape)]
+
+
+def _meta(D, N):
+    return dict(D=D, BD=triton.next_power_of_2(D), NMAX=triton.next_power_of_2(N), SM_SCALE=1.0 / math.sqrt(D))
+
+
+def mix_forward(sources, q, gamma, shift, scale, need_h):
+    """Launch the forward; returns (x, h), h an empty tensor unless need_h and the LayerNorm is fused."""
+    B, T, D, q_mode = _check(sources, q, gamma, shift, scale)
+    sources = [s.contiguous() for s in sources]
+    meta = _meta(D, len(sources))
+    has_mod, store_h = shift is not None, need_h and shift is not None
+    x = torch.empty_like(sources[0])
+    h = torch.empty_like(x) if store_h else x.new_empty(0)
+    shift, scale = (shift.contiguous(), scale.contiguous()) if has_mod else (x, x)
+    _mix_fwd_kernel[(B * T,)](
+        _pad(sources, meta["NMAX"]), len(sources), q.contiguous(), gamma.contiguous(), shift, scale,
+        x, h if store_h else x, T, Q_MODE=q_mode, HAS_MOD=has_mod, STORE_H=store_h, **meta)
+    return x, h
+
+
+def _rows_per_program(B, T, device):
+    # About 8 programs per SM keep the GPU busy while each program's partials stay few.
+    if device.type != "cuda":
+        return T
+    programs = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(T, math.ceil(B * T / programs)))
+
+
+def mix_backward(sources, q, gamma, shift, scale, dx, dh):
+    """Launch the two-pass backward; returns (dsources, dq, dgamma, dshift, dscale), the last two empty
+    tensors when the LayerNorm was not fused."""
+    B, T, D, q_mode = _check(sources, q, gamma, shift, scale)
+    sources = [s.contiguous() for s in sources]
+    meta = _meta(D, len(sources))
+    has_mod = shift is not None
+    dsources = [torch.empty_like(s) for s in sources]
+    R = _rows_per_program(B, T, dx.device)
+    J = math.ceil(T / R)
+    part = torch.empty(4, B, J, D, dtype=torch.float32, device=dx.device)
+    dq_rows = torch.empty_like(q) if q_mode == 2 else part
+    x = sources[0]
+    _mix_bwd_kernel[(B, J)](
+        _pad(sources, meta["NMAX"]), _pad(dsources, meta["NMAX"]), len(sources), q.contiguous(), gamma.contiguous(),
+        shift.contiguous() if has_mod else x, scale.contiguous() if has_mod else x, dx.contiguous(),
+        dh.contiguous() if dh is not None else x, dq_rows, part, T, J, R,
+        Q_MODE=q_mode, HAS_MOD=has_mod, HAS_DH=dh is not None, **meta)
+    dgamma = part[0].sum((0, 1)).to(gamma.dtype)
+    dq = {0: lambda: part[1].sum((0, 1)), 1: lambda: part[1].sum(1), 2: lambda: dq_rows}[q_mode]().to(q.dtype)
+    if not has_mod:
+        return dsources, dq, dgamma, x.new_empty(0), x.new_empty(0)
+    return dsources, dq, dgamma, part[2].sum(1).to(shift.dtype), part[3].sum(1).to(scale.dtype)
+
+
+#################################################################################
+#                 Custom ops: autograd, autocast, torch.compile                 #
+#################################################################################
+# torch.library custom ops with fake implementations: torch.compile(fullgraph=True) traces through them
+# (a graph sees one opaque op), autograd uses the registered backward, activation checkpointing just reruns
+# the forward. Autocast passes the inputs through unchanged; the kernels read any dtype and compute in fp32.
+
+@torch.library.custom_op("dar::mix", mutates_args=())
+def _mix_op(sources: list[torch.Tensor], q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None,
+            scale: torch.Tensor | None, need_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return mix_forward(sources, q, gamma, shift, scale, need_h)
+
+
+@_mix_op.register_fake
+def _(sources, q, gamma, shift, scale, need_h):
+    x = torch.empty_like(sources[0])
+    return x, torch.empty_like(x) if need_h and shift is not None else x.new_empty(0)
+
+
+@torch.library.custom_op("dar::mix_backward", mutates_args=())
+def _mix_backward_op(sources: list[torch.Tensor], q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None,
+                     scale: torch.Tensor | None, dx: torch.Tensor, dh: torch.Tensor | None
+                     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mix_backward(sources, q, gamma, shift, scale, dx, dh)
+
+
+@_mix_backward_op.register_fake
+def _(sources, q, gamma, shift, scale, dx, dh):
+    x = sources[0]
+    mod = (torch.empty_like(shift), torch.empty_like(scale)) if shift is not None else (x.new_empty(0), x.new_empty(0))
+    return [torch.empty_like(s) for s in sources], torch.empty_like(q), torch.empty_like(gamma), *mod
+
+
+def _setup_context(ctx, inputs, output):
+    sources, q, gamma, shift, scale, _ = inputs
+    ctx.save_for_backward(q, gamma, shift, scale, *sources)
+
+
+def _backward(ctx, dx, dh):
+    q, gamma, shift, scale, *sources = ctx.saved_tensors
+    dx = torch.zeros_like(sources[0]) if dx is None else dx
+    dh = None if dh is None or dh.numel() == 0 else dh
+    dsources, dq, dgamma, dshift, dscale = _mix_backward_op(sources, q, gamma, shift, scale, dx, dh)
+    if shift is None:
+        dshift = dscale = None
+    return dsources, dq, dgamma, dshift, dscale, None
+
+
+_mix_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_mix(sources, q, gamma, shift=None, scale=None, need_h=False):
+    """dar.mix's function on the fused kernel: returns (x, h, None); h is None unless need_h (the routing
+    weights are never materialised here, so the third entry is always None)."""
+    x, h = _mix_op(list(sources), q, gamma, shift, scale, need_h)
+    if shift is None:
+        return x, (x if need_h else None), None
+    return x, (h if need_h else None), None
+
+
+#################################################################################
+#                                   Benchmark                                   #
+#################################################################################
+
+def benchmark(batch=32, T=256, d=1152, counts=(5, 9, 18, 57), dtype=torch.bfloat16):
+    """Naive (dar.mix under autograd, as the model runs it) vs fused, with a per-token (dynamic) query, printed
+    as one table: forward / backward / both times and speed-ups, the fused path's GB/s against the minimum
+    bytes each pass must move and as a fraction of a device-to-device copy measured in the same run, and the
+    peak memory each path allocates above its inputs in the forward and in the backward."""
+    from triton.testing import do_bench
+
+    import dar
+
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    io = batch * T * d * torch.tensor([], dtype=dtype).element_size()  # bytes of one (B, T, d) tensor
+    big = torch.empty(16 * io, dtype=torch.uint8, device=device)
+    copy_gbs = 2 * big.numel() / do_bench(lambda: big.clone()) / 1e6
+    print(f"{torch.cuda.get_device_name(device)}: B = {batch}, T = {T}, d = {d}, {dtype}, per-token query; "
+          f"device-to-device copy {copy_gbs:.0f} GB/s")
+    head = (f"{'N':>3} {'LN':>3} | {'naive ms fwd':>12} {'bwd':>7} {'f+b':>7} | {'fused ms fwd':>12} {'bwd':>7} "
+            f"{'f+b':>7} | {'speed-up fwd':>12} {'bwd':>6} {'f+b':>6} | {'GB/s fwd':>8} {'bwd':>6} | "
+            f"{'of copy fwd':>11} {'bwd':>5} | {'peak MB fwd':>11} {'fused':>6} {'saved':>6} | "
+            f"{'peak MB bwd':>11} {'fused':>6} {'saved':>6}")
+    print(head + "\n" + "-" * len(head))
+    for N in counts:
+        for mod in (False, True):
+            srcs = [torch.randn(batch, T, d, dtype=dtype, device=device, requires_grad=True) for _ in range(N)]
+            q = (0.1 * torch.randn(batch, T, d, dtype=dtype, device=device)).requires_grad_()
+            gamma = torch.ones(d, device=device, requires_grad=True)
+            shift, scale = (torch.randn(batch, d, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+            args = (srcs, q, gamma) + ((shift, scale) if mod else (None, None))
+            inputs = srcs + [q, gamma] + ([shift, scale] if mod else [])
+            dx = torch.randn(batch, T, d, dtype=dtype, device=device)
+            res = {}
+            for name, fn in (("naive", dar.mix), ("fused", fused_mix)):
+                fwd = lambda: fn(*args)[0]
+                both = lambda: torch.autograd.grad(fwd(), inputs, dx)
+                t_fwd, t_both = do_bench(fwd), do_bench(both)
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                out = fwd()
+                peak_fwd = torch.cuda.max_memory_allocated() - base
+                torch.cuda.reset_peak_memory_stats()
+                grads = torch.autograd.grad(out, inputs, dx)
+                peak_bwd = torch.cuda.max_memory_allocated() - base
+                del out, grads
+                res[name] = (t_fwd, t_both - t_fwd, t_both, peak_fwd / 1e6, peak_bwd / 1e6)
+            (nf, nb, nfb, nmf, nmb), (ff, fb, ffb, fmf, fmb) = res["naive"], res["fused"]
+            fwd_bytes = (N + 2) * io  # read the N sources and q once, write x
+            bwd_bytes = (3 * N + 3) * io  # read the sources twice and q, write every dv_i and dq, read dx
+            gbs_f, gbs_b = fwd_bytes / ff / 1e6, bwd_bytes / fb / 1e6
+            print(f"{N:>3} {'yes' if mod else 'no':>3} | {nf:>12.3f} {nb:>7.3f} {nfb:>7.3f} | {ff:>12.3f} {fb:>7.3f} "
+                  f"{ffb:>7.3f} | {nf / ff:>11.1f}x {nb / fb:>5.1f}x {nfb / ffb:>5.1f}x | {gbs_f:>8.0f} {gbs_b:>6.0f} | "
+                  f"{gbs_f / copy_gbs:>11.0%} {gbs_b / copy_gbs:>5.0%} | {nmf:>11.0f} {fmf:>6.0f} {1 - fmf / nmf:>6.0%} | "
+                  f"{nmb:>11.0f} {fmb:>6.0f} {1 - fmb / nmb:>6.0%}")
+    print("LN: with the fused LayerNorm + adaLN modulate. Times: triton.testing.do_bench medians; bwd = (fwd+bwd) - fwd."
+          "\nGB/s: minimum bytes (forward reads every source and q once and writes x; backward reads every source"
+          "\ntwice, q and dx once, and writes every dv_i and dq) over the fused time. Peak MB: allocated above the"
+          "\ninputs during the forward (output included) and during the backward (the gradients included).")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("python kernel.py benchmarks on a CUDA GPU; on a CPU run the parity tests instead: "
+                         "python -m pytest -q test_parity.py")
+    benchmark()
