@@ -15,13 +15,19 @@ All queries start at zero, so every aggregator starts as a uniform average of it
 
 The source set S_l is chunked (Eq. 7) and a dedicated final aggregator (Eq. 11) feeds the prediction head;
 `sources` below is the one definition of both. Everything here is plain PyTorch: `mix` is the readable
-reference of Eq. (5) and the CPU path, `aggregate` is the one place where a fused kernel takes over.
+reference of Eq. (5) and the CPU path, `aggregate` is the one place where the fused kernel (kernel.py)
+takes over.
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    from kernel import fused_mix
+except ImportError:  # no triton: only the reference path runs
+    fused_mix = None
 
 ROUTINGS = ("residual", "static", "explicit", "dynamic")
 FINAL_AGGS = ("dedicated", "reuse")
@@ -75,17 +81,22 @@ def mix(sources, q, gamma, shift=None, scale=None, eps=1e-6):
     return x.to(dtype), h.to(dtype), alpha
 
 
-def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_alpha=False):
-    """The one dispatch point between the fused kernel and the reference `mix`; same arguments and returns.
+def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_h=False, need_alpha=False):
+    """The one dispatch point between the fused kernel and the reference `mix`; same arguments and returns,
+    except that the fused path returns h only when need_h and never returns alpha (None instead).
 
-    kernel: "torch" the reference path; "triton" the fused kernel; "auto" the fused kernel where it exists.
-    need_alpha asks for the routing weights, which only the reference path materialises.
+    kernel: "torch" the reference path; "triton" the fused kernel (CUDA, or a CPU under TRITON_INTERPRET=1);
+    "auto" the fused kernel on CUDA tensors, the reference elsewhere. need_alpha asks for the routing
+    weights, which only the reference path materialises, so it runs the reference path.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "triton":
-        raise NotImplementedError("the fused DAR kernel (kernel.py) is not in this checkout yet: use kernel='torch'")
-    return mix(sources, q, gamma, shift, scale)
+    fused = kernel == "triton" or (kernel == "auto" and sources[0].is_cuda and fused_mix is not None)
+    if need_alpha or not fused:
+        return mix(sources, q, gamma, shift, scale)
+    if fused_mix is None:
+        raise RuntimeError("kernel='triton' needs the triton package (pip install triton); or use kernel='torch'")
+    return fused_mix(sources, q, gamma, shift, scale, need_h)
 
 
 class Router(nn.Module):
@@ -147,12 +158,13 @@ class Routers(nn.ModuleDict):
             return self[str(l)]
         return self["final"] if self.final_agg == "dedicated" else self[str(self.num_sublayers)]
 
-    def forward(self, l, vs, e, shift=None, scale=None, need_alpha=False):
+    def forward(self, l, vs, e, shift=None, scale=None, need_h=False, need_alpha=False):
         """Aggregation l over vs, a dict {i: v_i} holding at least S_l; e is the timestep embedding (B, d).
 
         The query input is v_{l-1}, which is always in S_l; for the final aggregator it is v_L (Eq. 6).
-        Returns (x, h, alpha) as `mix` does.
+        Returns (x, h, alpha) as `aggregate` does.
         """
         router = self.router(l)
         q = router(vs[l - 1], e)
-        return aggregate([vs[i] for i in self.source_sets[l - 1]], q, router.gamma, shift, scale, self.kernel, need_alpha)
+        srcs = [vs[i] for i in self.source_sets[l - 1]]
+        return aggregate(srcs, q, router.gamma, shift, scale, self.kernel, need_h, need_alpha)

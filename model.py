@@ -264,10 +264,10 @@ class SiT(nn.Module):
             h = v0
             for block in self.blocks:
                 h = block(h, c)
-                extras["z"].append(h)
+                self._record(extras, return_states, h, None)
             out = self.final_layer(h, c)  # (B, T, p * p * C_out)
         else:
-            out = self.forward_dar(v0, c, e, extras, need_alpha=return_weights)
+            out = self.forward_dar(v0, c, e, extras, need_z=return_states, need_alpha=return_weights)
         out = self.unpatchify(out)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]
@@ -275,32 +275,33 @@ class SiT(nn.Module):
             return out
         return out, {key: extras[key] for key, wanted in (("z", return_states), ("alpha", return_weights)) if wanted}
 
-    def forward_dar(self, v0, c, e, extras, need_alpha=False):
+    def forward_dar(self, v0, c, e, extras, need_z=False, need_alpha=False):
         """The blocks and the final LayerNorm + modulate under DAR; returns the final linear's output."""
         device = v0.device.type
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             v0 = v0.to(torch.get_autocast_dtype(device))  # one dtype for all sources, as the kernel reads them
         L = 2 * self.config.depth
-        vs = {0: v0}  # the live sources v_i
+        vs = {0: v0.contiguous()}  # the live sources v_i
         for k, block in enumerate(self.blocks):
             for j, ((shift, scale, gate), f) in enumerate(zip(block.modulations(c), (block.attn, block.mlp))):
                 l = 2 * k + j + 1
-                x, h, alpha = self.routers(l, vs, e, shift, scale, need_alpha)  # x = modulate(LN(h_l))
-                self._record(extras, l, h, alpha)
+                is_z = need_z and j == 0 and k > 0  # z_k is h_{2k+1}, the aggregated input of block k + 1's attention
+                x, h, alpha = self.routers(l, vs, e, shift, scale, is_z, need_alpha)  # x = modulate(LN(h_l))
+                self._record(extras, is_z, h, alpha)
                 vs[l] = gate.unsqueeze(1) * f(x)  # v_l, gate included
                 for i in [i for i in vs if self.routers.last_reader[i] == l]:
                     del vs[i]
         shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
-        x, h, alpha = self.routers(L + 1, vs, e, shift, scale, need_alpha)
-        self._record(extras, L + 1, h, alpha)
+        x, h, alpha = self.routers(L + 1, vs, e, shift, scale, need_z, need_alpha)  # z_depth: the final aggregate
+        self._record(extras, need_z, h, alpha)
         return self.final_layer.linear(x)
 
     @staticmethod
-    def _record(extras, l, h, alpha):
-        # z_k is the aggregated input of block k + 1's attention, h_{2k+1}; z_depth is the final aggregate.
-        if l % 2 == 1 and l > 1:
+    def _record(extras, is_z, h, alpha):
+        if is_z:
             extras["z"].append(h)
-        extras["alpha"].append(alpha)
+        if alpha is not None:
+            extras["alpha"].append(alpha)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, legacy_channels=False):
         """Classifier-free guidance, batched: x is [x; x] and y is [labels; null] (only x's first half is read).
