@@ -1,0 +1,194 @@
+"""Parity of the fused DAR kernel (kernel.py) with the reference path (dar.mix).
+
+On a GPU every case runs at full size; on a CPU the kernels run in Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1), one program at a time, so the shapes are small and the case list is a covering subset.
+"""
+import itertools
+
+import pytest
+import torch
+
+import dar
+import kernel
+from model import SiT
+from test_model import batch, perturb
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+pytestmark = pytest.mark.skipif(not (GPU or kernel.INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+
+# Relative RMS error against an fp64 reference fed the same (already rounded) inputs.
+# fp32: the kernel accumulates in fp32 over at most 1152-term sums; observed errors are ~1e-7.
+# bf16: the kernel rounds its outputs and gradients to bf16, whose rounding alone is ~2^-9 / sqrt(3) = 1.1e-3
+# relative RMS; 5e-3 leaves room for that and the bf16 inputs' effect on the fp32 arithmetic, and no more.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
+B, T = (4, 256) if GPU else (2, 3)
+COUNTS, WIDTHS = (1, 2, 3, 8, 18, 57), (72, 100, 1152)
+VARIANTS = list(itertools.product(("static", "explicit", "dynamic"), (False, True), (torch.float32, torch.bfloat16)))
+
+
+def cases():
+    pairs = list(itertools.product(COUNTS, WIDTHS))
+    if GPU:
+        chosen = [(N, d, *v) for N, d in pairs for v in VARIANTS]
+    else:  # interpreter: every (N, d) once, cycling through the other axes, and every other-axes combination once
+        chosen = [(N, d, *VARIANTS[i % len(VARIANTS)]) for i, (N, d) in enumerate(pairs)] + [(3, 100, *v) for v in VARIANTS]
+    name = lambda N, d, q, mod, dt: f"N{N}-d{d}-{q}-{'LN' if mod else 'noLN'}-{str(dt).split('.')[-1]}"
+    return [pytest.param(*c, id=name(*c)) for c in chosen]
+
+
+def rel_rms(got, want):
+    """Relative RMS error; the plain RMS where the reference is exactly zero (q and gamma with one source)."""
+    err, ref = (got.double() - want.double()).norm(), want.double().norm()
+    return (err / ref if ref > 0 else err).item()
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every buffer the kernel launchers allocate starts as NaN, so an unwritten element cannot pass."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(make):
+        def wrapper(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return wrapper
+
+    monkeypatch.setattr(torch, "empty", nan_filled(empty))
+    monkeypatch.setattr(torch, "empty_like", nan_filled(empty_like))
+
+
+def make_inputs(N, d, q_kind, mod, dtype, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    randn = lambda *shape, dt=dtype: torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32).to(dt)
+    # Sources of unequal scale, as sublayer outputs are, so the RMSNorm and the softmax both matter.
+    srcs = [randn(B, T, d) * (0.5 + 2 * torch.rand(1, generator=g, device=DEVICE).to(dtype)) for _ in range(N)]
+    q = randn(*{"static": (d,), "explicit": (B, d), "dynamic": (B, T, d)}[q_kind])
+    gamma = 0.5 + torch.rand(d, generator=g, device=DEVICE)  # an fp32 parameter, as in the model
+    shift, scale = (randn(B, d), randn(B, d)) if mod else (None, None)
+    return srcs, q, gamma, shift, scale, randn(B, T, d), randn(B, T, d)
+
+
+@pytest.mark.parametrize("N, d, q_kind, mod, dtype", cases())
+def test_fused_matches_fp64_reference(N, d, q_kind, mod, dtype, poison):
+    srcs, q, gamma, shift, scale, dx, dh = make_inputs(N, d, q_kind, mod, dtype)
+    inputs = [t for t in srcs + [q, gamma, shift, scale] if t is not None]
+    ref_in = [t.double().requires_grad_() for t in inputs]
+    ker_in = [t.clone().requires_grad_() for t in inputs]
+
+    def run(fn, ts):
+        args = (ts[:N], ts[N], ts[N + 1]) + ((ts[N + 2], ts[N + 3]) if mod else (None, None))
+        x, h, _ = fn(*args)
+        # With the LayerNorm fused, h is a second output (z_k); its gradient must flow back too.
+        loss = (x.double() * dx.double()).sum() + ((h.double() * dh.double()).sum() if mod else 0)
+        return x, h, torch.autograd.grad(loss, ts)
+
+    x_ref, h_ref, g_ref = run(dar.mix, ref_in)
+    x, h, grads = run(lambda *a: kernel.fused_mix(*a, need_h=mod), ker_in)
+    assert x.dtype == dtype and all(gr.dtype == t.dtype for gr, t in zip(grads, inputs))
+    assert rel_rms(x, x_ref) <= TOL[dtype]
+    if mod:
+        assert rel_rms(h, h_ref) <= TOL[dtype]
+    names = [f"v{i}" for i in range(N)] + ["q", "gamma", "shift", "scale"]
+    for name, got, want in zip(names, grads, g_ref):
+        assert torch.isfinite(got).all(), name
+        assert rel_rms(got, want) <= TOL[dtype], (name, rel_rms(got, want))
+
+
+def test_backward_is_deterministic():
+    srcs, q, gamma, shift, scale, dx, _ = make_inputs(5, 100, "static", True, torch.float32, seed=1)
+    inputs = srcs + [q, gamma, shift, scale]
+    runs = []
+    for _ in range(2):
+        ts = [t.clone().requires_grad_() for t in inputs]
+        x, _, _ = kernel.fused_mix(ts[:5], ts[5], ts[6], ts[7], ts[8])
+        runs.append(torch.autograd.grad(x, ts, dx))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_bad_shapes_are_rejected_with_clear_errors():
+    srcs, q, gamma, shift, scale, _, _ = make_inputs(3, 72, "static", True, torch.float32)
+    with pytest.raises(ValueError, match="q must be"):
+        kernel.fused_mix(srcs, q[:10], gamma)
+    with pytest.raises(ValueError, match="share shape, dtype"):
+        kernel.fused_mix(srcs[:2] + [srcs[2].double()], q, gamma)
+    with pytest.raises(ValueError, match="shift and scale"):
+        kernel.fused_mix(srcs, q, gamma, shift, None)
+
+
+#################################################################################
+#                         Whole model: kernel vs reference                      #
+#################################################################################
+
+SMALL = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=40, depth=2, num_heads=2, num_classes=5)
+
+
+def pair(routing, chunk):
+    """The same perturbed weights as a reference-path model and a fused-kernel model."""
+    torch.manual_seed(0)
+    ref = perturb(SiT(**SMALL, routing=routing, chunk=chunk, kernel="torch")).to(DEVICE)
+    fused = SiT(**SMALL, routing=routing, chunk=chunk, kernel="triton").to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def loss_and_grads(model, x, t, y):
+    out, extras = model(x, t, y, return_states=True)
+    loss = out.pow(2).mean() + extras["z"][0].pow(2).mean()  # z_1 as REPA would use it
+    model.zero_grad()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("routing", ("static", "explicit", "dynamic"))
+@pytest.mark.parametrize("chunk", (1, 2, 4))
+def test_model_on_kernel_matches_reference(routing, chunk):
+    ref, fused = pair(routing, chunk)
+    x, t, y = (a.to(DEVICE) for a in batch(ref, B=2))
+    loss_ref, grads_ref = loss_and_grads(ref.train(), x, t, y)
+    loss, grads = loss_and_grads(fused.train(), x, t, y)
+    assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        if torch.count_nonzero(grads_ref[name]) == 0:  # router 1: a single source, no gradient on either path
+            assert torch.count_nonzero(g) == 0, name
+        else:
+            assert rel_rms(g, grads_ref[name]) <= 1e-5, (name, rel_rms(g, grads_ref[name]))
+
+
+def test_model_on_kernel_compiles_fullgraph():
+    ref, fused = pair("dynamic", 2)
+    x, t, y = (a.to(DEVICE) for a in batch(ref, B=2))
+    # Inductor on a GPU; on a CPU, aot_eager traces the same graph (fake kernels, registered backward)
+    # without compiling C++ for minutes.
+    compiled = torch.compile(fused.eval(), fullgraph=True, backend="inductor" if GPU else "aot_eager")
+    out = compiled(x, t, y)
+    out.pow(2).mean().backward()
+    torch.testing.assert_close(out, ref.eval()(x, t, y), rtol=1e-4, atol=1e-5)
+    assert all(p.grad is not None for n, p in fused.named_parameters() if p.requires_grad and not n.startswith("routers.1."))
+
+
+def test_kernel_under_activation_checkpointing_gives_the_same_gradients():
+    srcs, q, gamma, shift, scale, dx, _ = make_inputs(4, 72, "dynamic", True, torch.bfloat16, seed=2)
+    inputs = srcs + [q, gamma, shift, scale]
+    fn = lambda *ts: kernel.fused_mix(ts[:4], *ts[4:])[0]
+    plain = [t.clone().requires_grad_() for t in inputs]
+    ckpt = [t.clone().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(fn(*plain), plain, dx)
+    got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(fn, *ckpt, use_reentrant=False), ckpt, dx)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_model_on_kernel_under_bf16_autocast_matches_reference():
+    ref, fused = pair("explicit", 2)
+    x, t, y = (a.to(DEVICE) for a in batch(ref, B=2))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss_ref, grads_ref = loss_and_grads(ref.train(), x, t, y)
+        loss, grads = loss_and_grads(fused.train(), x, t, y)
+    # Both paths round the same bf16 activations; they differ only in fp32 summation order and in where
+    # intermediate results are rounded, so the loss agrees to bf16 precision.
+    assert abs(loss - loss_ref) <= 2e-2 * abs(loss_ref)
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), name
+        if torch.count_nonzero(grads_ref[name]):
+            assert rel_rms(g, grads_ref[name]) <= 5e-2, (name, rel_rms(g, grads_ref[name]))
