@@ -10,6 +10,7 @@ t in [0, 1], t = 0 pure noise and t = 1 data; the network predicts the velocity 
     python model.py    prints parameter counts and forward GFLOPs of every preset and routing
 """
 import math
+import os
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from dar import ROUTINGS, Routers
 
@@ -30,7 +32,7 @@ class SiTConfig:
     depth: int = 28  # transformer blocks; L = 2 * depth sublayers
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1  # labels dropped to the null class in training, for guidance
+    class_dropout_prob: float = 0.1  # how often train.py drops labels to the null class; > 0 adds its row
     num_classes: int = 1000
     learn_sigma: bool = True  # SiT's released models predict 2C channels and drop the second half
     routing: str = "residual"  # "residual" (SiT) or DAR's query variant: "static" | "explicit" | "dynamic"
@@ -85,18 +87,15 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label (B,) -> (B, d); in training, labels drop to the null class with class_dropout_prob."""
+    """Class label (B,) -> (B, d). Label `num_classes` is the null class of classifier-free guidance; the
+    training loop drops labels to it (train.py), so that its draws are reproducible on any number of GPUs."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), hidden_size)  # last row: null class
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
 
-    def forward(self, labels, train):
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
+    def forward(self, labels):
         return self.embedding_table(labels)
 
 
@@ -196,6 +195,7 @@ class SiT(nn.Module):
         self.final_layer = FinalLayer(d, cfg.patch_size, self.out_channels)
         if cfg.routing != "residual":
             self.routers = Routers(d, 2 * cfg.depth, cfg.routing, cfg.chunk, cfg.final_agg, cfg.kernel)
+        self.grad_checkpoint = False  # recompute blocks (residual) or sublayers (DAR) in the backward to save memory
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -258,12 +258,12 @@ class SiT(nn.Module):
         self._check_inputs(x, t, y)
         v0 = self.x_embedder(x) + self.pos_embed  # (B, T, d)
         e = self.t_embedder(t)  # (B, d)
-        c = e + self.y_embedder(y, self.training)  # (B, d)
+        c = e + self.y_embedder(y)  # (B, d)
         extras = {"z": [], "alpha": []}
         if self.config.routing == "residual":
             h = v0
             for block in self.blocks:
-                h = block(h, c)
+                h = self._maybe_checkpoint(block, h, c)
                 self._record(extras, return_states, h, None)
             out = self.final_layer(h, c)  # (B, T, p * p * C_out)
         else:
@@ -288,13 +288,18 @@ class SiT(nn.Module):
                 is_z = need_z and j == 0 and k > 0  # z_k is h_{2k+1}, the aggregated input of block k + 1's attention
                 x, h, alpha = self.routers(l, vs, e, shift, scale, is_z, need_alpha)  # x = modulate(LN(h_l))
                 self._record(extras, is_z, h, alpha)
-                vs[l] = gate.unsqueeze(1) * f(x)  # v_l, gate included
+                vs[l] = gate.unsqueeze(1) * self._maybe_checkpoint(f, x)  # v_l, gate included
                 for i in [i for i in vs if self.routers.last_reader[i] == l]:
                     del vs[i]
         shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
         x, h, alpha = self.routers(L + 1, vs, e, shift, scale, need_z, need_alpha)  # z_depth: the final aggregate
         self._record(extras, need_z, h, alpha)
         return self.final_layer.linear(x)
+
+    def _maybe_checkpoint(self, f, *args):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(f, *args, use_reentrant=False)
+        return f(*args)
 
     @staticmethod
     def _record(extras, is_z, h, alpha):
@@ -341,6 +346,52 @@ def _1d_sincos(dim, pos):
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
     out = pos.reshape(-1)[:, None] * omega[None]  # (M, dim / 2)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#################################################################################
+#                    The interpolant, and checkpoints on disk                   #
+#################################################################################
+
+def interpolate(x1, eps, t):
+    """SiT's linear interpolant: x_t = t * x1 + (1 - t) * eps (t = 0 noise, t = 1 data) and its velocity
+    x1 - eps, the regression target of training."""
+    t = t.view(-1, *([1] * (x1.dim() - 1)))
+    return t * x1 + (1 - t) * eps, x1 - eps
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save to a temporary file, then an atomic rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(source):
+    """A checkpoint from a local path or a URL, onto the CPU, with weights_only=True."""
+    if "://" in source:
+        return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"no checkpoint at {source}")
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def weights_of(checkpoint, ema=True):
+    """The state dict in a checkpoint: ours and SiT/DiT's training checkpoints hold "ema" and "model"
+    (EMA preferred unless ema=False); a released SiT checkpoint is a bare state dict."""
+    for key in ("ema", "model") if ema else ("model", "ema"):
+        if key in checkpoint:
+            return checkpoint[key]
+    return checkpoint
+
+
+def load_model(source, ema=True):
+    """Rebuild a model from one of train.py's checkpoints: the architecture comes from the checkpoint."""
+    checkpoint = load_checkpoint(source)
+    if "config" not in checkpoint:
+        raise ValueError(f"{source} has no model config (not a train.py checkpoint)")
+    model = SiT(**checkpoint["config"])
+    model.load_state_dict(weights_of(checkpoint, ema), strict=True)
+    return model
 
 
 #################################################################################

@@ -190,7 +190,7 @@ def dar_reference(model, x, t, y):
     ln = lambda h: F.layer_norm(h, (d,), eps=1e-6)
     v0 = model.x_embedder(x) + model.pos_embed
     e = model.t_embedder(t)
-    c = e + model.y_embedder(y, False)
+    c = e + model.y_embedder(y)
 
     def route(name, srcs, v_prev):
         w, gamma = getattr(model.routers[name], "query"), model.routers[name].gamma
@@ -380,3 +380,18 @@ def test_bad_inputs_raise_clear_errors():
         tiny("static", final_agg="last")
     with pytest.raises(ValueError, match="kernel"):
         tiny("static", kernel="cuda")
+
+
+@pytest.mark.parametrize("routing", ("residual", "dynamic"))
+def test_gradient_checkpointing_leaves_gradients_unchanged(routing):
+    grads = []
+    for ckpt in (False, True):
+        model = perturb(tiny(routing, chunk=2)).train()
+        model.grad_checkpoint = ckpt
+        x, t, y = batch(model)
+        out, extras = model(x, t, y, return_states=True)
+        (out.pow(2).mean() + extras["z"][0].pow(2).mean()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
