@@ -1,0 +1,191 @@
+"""
+The datasets: the built-in toy data ("shapes", pixel space) and ImageNet latents as prepare_imagenet.py
+writes them. One file, so that training, sampling, FID and diagnostics read the same data and the latent
+directory format is defined exactly once.
+
+Both expose the same interface: `train` and `eval` index ranges (the eval split is held out of training),
+`num_classes`, `channels`/`size` of the model's input, and `batch(indices, g)` returning the model input
+x1 (B, C, H, W) in the model's scale, labels y (B,) and, when asked, the uint8 images REPA encodes.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+#################################################################################
+#                       Toy data: coloured shapes, 10 classes                   #
+#################################################################################
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "crescent", "bar", "two dots", "half disk")
+
+
+def _polygon(kind, cx, cy, r, angle):
+    """Vertices of the polygonal shapes, rotated by angle (radians), around (cx, cy) with radius r."""
+    if kind == "square":
+        pts = [(1, 1), (-1, 1), (-1, -1), (1, -1)]
+        pts = [(x * 0.75, y * 0.75) for x, y in pts]
+    elif kind == "triangle":
+        pts = [(math.cos(a), math.sin(a)) for a in (math.pi / 2, math.pi / 2 + 2.094, math.pi / 2 + 4.189)]
+    elif kind == "cross":
+        a, b = 1.0, 0.33
+        pts = [(b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b), (-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b)]
+    elif kind == "star":
+        pts = [((1.0 if k % 2 == 0 else 0.42) * math.cos(math.pi / 2 + k * math.pi / 5),
+                (1.0 if k % 2 == 0 else 0.42) * math.sin(math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+    else:  # bar
+        pts = [(1, 0.22), (-1, 0.22), (-1, -0.22), (1, -0.22)]
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+
+
+def render_shape(label, rng, size=32):
+    """One (size, size, 3) uint8 image of shape class `label`: random position, size, rotation and colours.
+    Drawn at 4x and box-filtered down, so edges are anti-aliased."""
+    S = 4 * size
+    bg = rng.integers(0, 256, 3)
+    fg = (bg + rng.integers(96, 161, 3)) % 256  # at least 96 away from the background in every channel
+    img = Image.new("RGB", (S, S), tuple(int(c) for c in bg))
+    draw = ImageDraw.Draw(img)
+    r = S * rng.uniform(0.25, 0.4)
+    cx, cy = rng.uniform(r, S - r, 2)
+    angle = rng.uniform(0, 2 * math.pi)
+    fill = tuple(int(c) for c in fg)
+    kind = SHAPES[label]
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "ring":
+        draw.ellipse(box, outline=fill, width=max(2, int(r * 0.35)))
+    elif kind == "crescent":
+        draw.ellipse(box, fill=fill)
+        dx, dy = 0.45 * r * math.cos(angle), 0.45 * r * math.sin(angle)
+        draw.ellipse((box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy), fill=tuple(int(c) for c in bg))
+    elif kind == "two dots":
+        for sign in (-1, 1):
+            x, y = cx + sign * 0.55 * r * math.cos(angle), cy + sign * 0.55 * r * math.sin(angle)
+            draw.ellipse((x - 0.4 * r, y - 0.4 * r, x + 0.4 * r, y + 0.4 * r), fill=fill)
+    elif kind == "half disk":
+        start = math.degrees(angle)
+        draw.pieslice(box, start, start + 180, fill=fill)
+    else:
+        draw.polygon(_polygon(kind, cx, cy, r, angle), fill=fill)
+    return np.asarray(img.reduce(4))
+
+
+class Shapes:
+    """Procedural class-conditional RGB data in pixel space: image i of a split is a pure function of
+    (seed, split, i), so nothing is stored and every run sees the same data. Pixels map to [-1, 1]."""
+
+    num_classes = len(SHAPES)
+    channels = 3
+
+    def __init__(self, size=32, seed=0, num_train=50_000, num_eval=1_000):
+        self.size, self.seed = size, seed
+        self.train, self.eval = range(num_train), range(num_train, num_train + num_eval)
+
+    def images(self, indices):
+        """(uint8 images (n, size, size, 3), labels (n,)) for dataset indices."""
+        labels, images = [], []
+        for i in indices:
+            rng = np.random.default_rng([self.seed, int(i)])
+            labels.append(int(rng.integers(self.num_classes)))
+            images.append(render_shape(labels[-1], rng, self.size))
+        return np.stack(images), np.array(labels, dtype=np.int64)
+
+    def batch(self, indices, flip=None, noise=None, images=False):
+        """x1 (B, 3, size, size) in [-1, 1], y (B,), and the uint8 images when asked. The toy data has no
+        augmentation and no posterior: flip and noise are ignored."""
+        pixels, labels = self.images(indices)
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return x, torch.from_numpy(labels), (torch.from_numpy(pixels) if images else None)
+
+
+#################################################################################
+#                   ImageNet latents (written by prepare_imagenet.py)           #
+#################################################################################
+# The directory format, version 1:
+#   manifest.json            {"format": 1, "count", "num_classes", "classes", "image_size", "latent_shape",
+#                             "latent_dtype", "vae", "images": bool, "shards": [{"name", "count"}, ...], ...}
+#   <shard>/moments.npy      (n, 2, 2, 4, 32, 32) float16/32: [unflipped, flipped][posterior mean, std]
+#   <shard>/labels.npy       (n,) int64 class indices (sorted folder order; names in "classes")
+#   <shard>/images.npy       (n, 256, 256, 3) uint8 centre crops, unflipped (only with "images": true, for REPA)
+# Only shards listed in the manifest exist as far as readers are concerned; a shard is listed once complete.
+
+FORMAT = 1
+LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance
+
+
+def write_manifest(path, manifest):
+    """Write manifest.json atomically (temporary file, then rename)."""
+    tmp = os.path.join(path, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT, **manifest}, f, indent=1)
+    os.replace(tmp, os.path.join(path, "manifest.json"))
+
+
+class Latents:
+    """Memory-mapped ImageNet latents; each batch draws a fresh posterior sample and a random flip."""
+
+    def __init__(self, path, num_eval=1_000, seed=0):
+        manifest_path = os.path.join(path, "manifest.json")
+        if not os.path.exists(manifest_path):
+            raise FileNotFoundError(f"no latent dataset at {path} (no manifest.json). Make one with "
+                                    f"`python prepare_imagenet.py --data-path IMAGENET/train --out {path}`, "
+                                    f"or train on the built-in toy data with --data=shapes")
+        with open(manifest_path) as f:
+            self.manifest = m = json.load(f)
+        if m.get("format") != FORMAT:
+            raise ValueError(f"{path} has latent format {m.get('format')}, this code reads format {FORMAT}")
+        self.num_classes, self.has_images = m["num_classes"], m["images"]
+        self.channels, self.size = m["latent_shape"][0], m["latent_shape"][1]
+        load = lambda shard, name: np.load(os.path.join(path, shard["name"], name), mmap_mode="r")
+        self.moments = [load(s, "moments.npy") for s in m["shards"]]
+        self.labels = np.concatenate([load(s, "labels.npy") for s in m["shards"]])
+        self.pixels = [load(s, "images.npy") for s in m["shards"]] if self.has_images else None
+        self.starts = np.cumsum([0] + [s["count"] for s in m["shards"]])
+        n = int(self.starts[-1])
+        if n <= num_eval:
+            raise ValueError(f"{path} holds {n} latents, not more than the {num_eval} held out for evaluation")
+        # The eval split: num_eval images held out of training, chosen once by a fixed permutation.
+        order = np.random.default_rng(seed).permutation(n)
+        held = np.zeros(n, dtype=bool)
+        held[order[:num_eval]] = True
+        self.train, self.eval = np.flatnonzero(~held), np.flatnonzero(held)
+
+    def _rows(self, arrays, indices):
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        return np.stack([arrays[s][i - self.starts[s]] for s, i in zip(shard, indices)])
+
+    def batch(self, indices, flip=None, noise=None, images=False):
+        """x1 = (mean + std * noise) * 0.18215 of each latent, flipped where flip is True, y, and the images
+        flipped alike when asked. flip (B,) and noise (B, 4, 32, 32) come from the caller, so that the draws do
+        not depend on how a batch is split across GPUs; noise=None gives the posterior mean, flip=None no flip."""
+        indices = np.asarray(indices)
+        device = noise.device if noise is not None else flip.device if flip is not None else torch.device("cpu")
+        moments = torch.from_numpy(self._rows(self.moments, indices).astype(np.float32)).to(device)
+        flip = torch.zeros(len(indices), dtype=torch.bool, device=device) if flip is None else flip
+        mean, std = torch.where(flip[:, None, None, None, None], moments[:, 1], moments[:, 0]).unbind(1)
+        x = (mean if noise is None else mean + std * noise) * LATENT_SCALE
+        y = torch.from_numpy(self.labels[indices])
+        pixels = None
+        if images:
+            if not self.has_images:
+                raise ValueError("REPA needs the images: prepare the dataset with --images")
+            pixels = torch.from_numpy(self._rows(self.pixels, indices)).to(device)
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(2), pixels)
+        return x, y, pixels
+
+
+def load_data(name_or_path, image_size=None, seed=0, num_eval=1_000):
+    """'shapes' (toy, pixel space, image_size 32 by default) or the path of a prepared latent directory, with
+    num_eval images held out of training."""
+    if name_or_path == "shapes":
+        return Shapes(size=image_size or 32, seed=seed, num_eval=num_eval)
+    data = Latents(name_or_path, num_eval=num_eval, seed=seed)
+    expected = data.manifest["image_size"]
+    if image_size not in (None, expected):
+        raise ValueError(f"{name_or_path} holds latents of {expected}px images, not {image_size}px")
+    return data
