@@ -1,0 +1,241 @@
+"""Tests of train.py, data.py and repa.py on the CPU, with tiny models and the toy data."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import repa
+from data import LATENT_SCALE, Latents, Shapes, write_manifest
+from model import SiT, load_checkpoint, load_model
+from train import init_from, main, parse_args
+
+TINY = ["--model=SiT-S/4", "--depth=2", "--hidden-size=32", "--num-heads=2", "--precision=fp32", "--lr=1e-3"]
+
+
+def train(tmp_path, *extra, name="run", data="--data=shapes", steps=6):
+    args = parse_args([data, *TINY, "--global-batch-size=8", f"--max-steps={steps}", "--log-every=1",
+                       "--eval-every=0", "--sample-every=0", "--ckpt-every=3", f"--results-dir={tmp_path / name}",
+                       *extra])
+    main(args)
+    return read_log(tmp_path / name)
+
+
+def read_log(run_dir):
+    with open(run_dir / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(log):
+    return [r["loss"] for r in log if "loss" in r]
+
+
+#################################################################################
+#                                  The loop                                     #
+#################################################################################
+
+def test_training_reduces_the_loss(tmp_path):
+    log = train(tmp_path, "--routing=dynamic", "--chunk=2", "--image-size=16", "--lr=3e-3", "--eval-every=10",
+                "--eval-samples=32", steps=60)
+    evals = [r for r in log if "eval_loss" in r]  # fixed t grid and noise: low variance, unlike the step losses
+    assert len(evals) == 6 and len(evals[0]["eval_loss_by_t"]) == 8
+    curve = [r["eval_loss"] for r in evals]
+    assert all(a > b for a, b in zip(curve, curve[1:])) and curve[-1] < 0.8 * curve[0]
+    assert np.mean(losses(log)[-10:]) < np.mean(losses(log)[:10])
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
+    full = losses(train(tmp_path, "--routing=explicit", name="full"))
+    assert len(losses(train(tmp_path, "--routing=explicit", name="split", steps=3))) == 3
+    ckpt = tmp_path / "split" / "checkpoints" / "0000003.pt"
+    # The resumed run appends steps 4-6 to the same log; bit-identical losses, not merely close ones.
+    assert losses(train(tmp_path, "--routing=explicit", f"--resume={ckpt}", name="split")) == full
+
+
+def test_resume_refuses_other_settings_and_results_dirs_are_not_overwritten(tmp_path):
+    train(tmp_path, steps=3)
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train(tmp_path, steps=3)
+    with pytest.raises(SystemExit, match="other settings"):
+        train(tmp_path, "--resume=latest", "--seed=1", steps=6)
+
+
+def test_checkpoint_describes_itself_and_round_trips(tmp_path):
+    train(tmp_path, "--routing=static", steps=3)
+    path = str(tmp_path / "run" / "checkpoints" / "0000003.pt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert {"config", "args", "step", "model", "ema", "opt", "rng", "data"} <= ckpt.keys() and ckpt["step"] == 3
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in list(ckpt["model"]) + list(ckpt["ema"]))
+    assert not os.path.exists(path + ".tmp")
+    model = load_model(path).eval()
+    assert model.config.routing == "static" and model.config.depth == 2
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([0, 1])
+    reference = SiT(**ckpt["config"]).eval()
+    reference.load_state_dict(ckpt["ema"])
+    assert torch.equal(model(x, t, y), reference(x, t, y))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="the loss is (nan|inf)"):
+        train(tmp_path, "--lr=1e30", "--ckpt-every=1", steps=50)
+    kept = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert kept and len(kept) < 50
+    for name in kept:
+        ckpt = load_checkpoint(str(tmp_path / "run" / "checkpoints" / name))
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_bad_flags_say_what_to_do(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--data=shapes", "--data-path=x"])
+    assert "exactly one of --data-path" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="prepare_imagenet.py"):
+        train(tmp_path, data=f"--data-path={tmp_path / 'missing'}")
+    with pytest.raises(SystemExit, match="must divide"):
+        train(tmp_path, "--micro-batch-size=3")
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    common = ["--data=shapes", *TINY, "--routing=dynamic", "--global-batch-size=8", "--max-steps=4", "--log-every=1",
+              "--eval-every=2", "--eval-samples=16", "--sample-every=0", "--ckpt-every=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "train.py", *common, "--micro-batch-size=4", f"--results-dir={tmp_path / 'one'}"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+           f"--results-dir={tmp_path / 'two'}"]
+    for cmd in (one, two):
+        subprocess.run(cmd, check=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+    log1, log2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    # Same draws and data; only the order in which the two halves' gradients are summed differs.
+    np.testing.assert_allclose(losses(log2), losses(log1), rtol=1e-5)
+    e1, e2 = ([r["eval_loss"] for r in log if "eval_loss" in r] for log in (log1, log2))
+    np.testing.assert_allclose(e2, e1, rtol=1e-5)
+
+
+#################################################################################
+#                          Starting from other weights                          #
+#################################################################################
+
+@pytest.mark.parametrize("routing", ["residual", "static", "explicit", "dynamic"])
+def test_init_from_a_residual_checkpoint(tmp_path, routing):
+    kw = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+    torch.manual_seed(0)
+    sit = SiT(**kw)
+    with torch.no_grad():
+        for p in sit.parameters():
+            p.add_(torch.randn_like(p))
+    torch.save(sit.state_dict(), tmp_path / "sit.pt")  # a released SiT checkpoint is a bare state dict
+    model = SiT(**kw, routing=routing)
+    init_from(model, str(tmp_path / "sit.pt"))
+    state = model.state_dict()
+    for k, v in sit.state_dict().items():
+        assert torch.equal(state[k], v), k
+    if routing != "residual":
+        for name, router in model.routers.items():
+            assert torch.count_nonzero(router.query if routing != "dynamic" else router.query.weight) == 0, name
+            assert torch.equal(router.gamma, torch.ones_like(router.gamma)), name
+
+
+#################################################################################
+#                                 Data and REPA                                 #
+#################################################################################
+
+def make_latent_dir(path, n=24, images=True, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(path)
+    shards = []
+    for k, count in enumerate((n // 2, n - n // 2)):
+        shard = path / f"shard-{k:05d}"
+        os.makedirs(shard)
+        moments = rng.standard_normal((count, 2, 2, 4, 32, 32)).astype(np.float16)
+        moments[:, :, 1] = np.abs(moments[:, :, 1]) * 0.1  # std > 0
+        np.save(shard / "moments.npy", moments)
+        np.save(shard / "labels.npy", rng.integers(0, 7, count).astype(np.int64))
+        if images:
+            np.save(shard / "images.npy", rng.integers(0, 256, (count, 256, 256, 3), dtype=np.uint8))
+        shards.append(dict(name=shard.name, count=count))
+    write_manifest(str(path), dict(count=n, num_classes=7, classes=[f"c{i}" for i in range(7)], image_size=256,
+                                   latent_shape=[4, 32, 32], latent_dtype="float16", vae="test", images=images,
+                                   shards=shards))
+
+
+def test_latents_draw_posterior_samples_and_flip_images_alike(tmp_path):
+    make_latent_dir(tmp_path / "lat")
+    data = Latents(str(tmp_path / "lat"), num_eval=4)
+    assert len(data.train) == 20 and len(data.eval) == 4 and not set(data.train) & set(data.eval)
+    idx = np.array([3, 15])  # one from each shard
+    noise = torch.randn(2, 4, 32, 32)
+    x, y, images = data.batch(idx, flip=torch.tensor([False, True]), noise=noise, images=True)
+    raw = np.concatenate([np.load(tmp_path / "lat" / s / "moments.npy") for s in ("shard-00000", "shard-00001")])
+    pixels = np.concatenate([np.load(tmp_path / "lat" / s / "images.npy") for s in ("shard-00000", "shard-00001")])
+    for b, (i, f) in enumerate(zip(idx, (0, 1))):
+        mean, std = torch.from_numpy(raw[i, f].astype(np.float32))
+        torch.testing.assert_close(x[b], (mean + std * noise[b]) * LATENT_SCALE)
+    assert torch.equal(images[0], torch.from_numpy(pixels[3]))
+    assert torch.equal(images[1], torch.from_numpy(pixels[15][:, ::-1].copy()))
+    labels = np.concatenate([np.load(tmp_path / "lat" / s / "labels.npy") for s in ("shard-00000", "shard-00001")])
+    assert y.tolist() == labels[idx].tolist()
+
+
+def test_training_on_a_latent_directory(tmp_path):
+    make_latent_dir(tmp_path / "lat", images=False)
+    log = train(tmp_path, "--image-size=256", "--eval-samples=4", "--eval-every=3",
+                data=f"--data-path={tmp_path / 'lat'}", steps=3)
+    assert len(losses(log)) == 3 and all(np.isfinite(losses(log)))
+    assert load_model(str(tmp_path / "run" / "checkpoints" / "0000003.pt")).config.in_channels == 4
+
+
+def official_dinov2_shapes():
+    """Key -> shape of dinov2_vitb14_pretrain.pth (../shared/notes/vae-dinov2.md section 3.4)."""
+    d, shapes = 768, {"cls_token": (1, 1, 768), "pos_embed": (1, 1370, 768), "mask_token": (1, 768),
+                      "patch_embed.proj.weight": (768, 3, 14, 14), "patch_embed.proj.bias": (768,),
+                      "norm.weight": (768,), "norm.bias": (768,)}
+    for i in range(12):
+        b = f"blocks.{i}"
+        for name, shape in {"norm1": (d,), "norm2": (d,), "attn.proj": (d, d), "attn.qkv": (3 * d, d),
+                            "mlp.fc1": (4 * d, d), "mlp.fc2": (d, 4 * d)}.items():
+            shapes[f"{b}.{name}.weight"], shapes[f"{b}.{name}.bias"] = shape, (shape[0],)
+        shapes[f"{b}.ls1.gamma"] = shapes[f"{b}.ls2.gamma"] = (d,)
+    return shapes
+
+
+def test_dinov2_has_the_official_keys_and_resamples_to_256_tokens(tmp_path):
+    encoder = repa.DINOv2()
+    assert {k: tuple(v.shape) for k, v in encoder.state_dict().items()} == official_dinov2_shapes()
+    assert len(encoder.state_dict()) == 175 and sum(p.numel() for p in encoder.parameters()) == 86_580_480
+    torch.save(encoder.state_dict(), tmp_path / "dinov2.pt")
+    loaded = repa.load_encoder(str(tmp_path / "dinov2.pt"))  # strict loading of an official-format file
+    images = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8)
+    assert loaded(repa.preprocess(images)).shape == (2, 256, 768)
+
+
+def test_repa_trains_with_an_encoder_of_the_real_architecture(tmp_path):
+    log = train(tmp_path, "--repa", "--repa-encoder=random", "--model=SiT-S/2", "--routing=dynamic",
+                "--global-batch-size=4", "--repa-depth=1", steps=2)
+    assert all(-1 <= r["repa_loss"] <= 1 for r in log)
+    ckpt = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "0000002.pt"))
+    assert ckpt["config"]["final_agg"] == "reuse" and ckpt["projector"]["4.weight"].shape == (768, 2048)
+
+
+def test_alignment_loss_is_the_negative_mean_cosine():
+    a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    cos = (a / a.norm(dim=-1, keepdim=True) * b / b.norm(dim=-1, keepdim=True)).sum(-1)
+    torch.testing.assert_close(repa.alignment_loss(a, b), -cos.mean())
+    assert repa.alignment_loss(a, 3 * a).item() == pytest.approx(-1.0)
+
+
+def test_shapes_are_deterministic_and_the_splits_disjoint():
+    data = Shapes(num_train=100, num_eval=10)
+    a, la = data.images([5, 7, 105])
+    b, lb = Shapes(num_train=100, num_eval=10).images([5, 7, 105])
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and a.shape == (3, 32, 32, 3)
+    assert not set(data.train) & set(data.eval)
+    assert set(Shapes().images(range(200))[1]) == set(range(10))
+
+
+def test_bench_prints_a_table(tmp_path, capsys):
+    main(parse_args(["--data=shapes", *TINY, "--global-batch-size=4", "--bench", f"--results-dir={tmp_path}"]))
+    out = capsys.readouterr().out
+    assert "| step s | images/s |" in out and "| CPU | SiT-S/4 |" in out

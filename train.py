@@ -1,0 +1,487 @@
+"""
+Train SiT with residual routing or Diffusion-Adaptive Routing, on prepared ImageNet latents or the toy shapes.
+
+    python train.py --data=shapes --model=SiT-S/4 --depth=4 --hidden-size=128 --num-heads=4 ...   # CPU, README
+    torchrun --nproc_per_node=8 train.py --data-path=data/in256 --routing=dynamic --chunk=4          # one node
+    torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE --master_addr=$HOST --master_port=29500 train.py ...
+    torchrun --nproc_per_node=8 train.py --data-path=data/in256 --repa --repa-encoder=dinov2_vitb14_pretrain.pth
+    torchrun --nproc_per_node=8 train.py --data-path=data/in256 --init-from=SiT-XL-2-256x256.pt --routing=static
+    python train.py --bench --model=SiT-XL/2 --routing=dynamic --global-batch-size=32                # speed, memory
+
+The recipe (paper Appendix C.1, which follows SiT): AdamW, lr 1e-4, no weight decay, a constant rate, global
+batch 1024, EMA 0.9999, bf16 autocast; x_t = t x1 + (1 - t) eps with t ~ U[0, 1] (t = 0 noise, t = 1 data),
+the mean squared error of the predicted velocity x1 - eps, labels dropped to the null class with p = 0.1.
+
+Reproducibility: every random draw of step s (the data order, t, eps, label drops, posterior samples, flips)
+is a function of (seed, s) over the whole global batch, and each rank takes its slice. So the same command on
+any number of GPUs trains the same model (up to floating-point summation order), and a resumed run repeats
+the uninterrupted one exactly.
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import repa
+from dar import FINAL_AGGS, KERNELS, ROUTINGS
+from data import Latents, load_data
+from model import (SiT_models, interpolate, load_checkpoint, model_config, save_checkpoint, weights_of)
+from sample import sample_ode, save_grid, to_uint8
+
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; more specific names first. Unknown GPUs report no MFU.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20", 148e12), ("A100", 312e12))
+RUN_DEFINING = ("model", "depth", "hidden_size", "num_heads", "routing", "chunk", "final_agg", "data", "data_path",
+                "image_size", "global_batch_size", "lr", "ema_decay", "grad_clip", "seed", "repa", "repa_depth",
+                "repa_coeff")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("model")
+    a.add_argument("--model", default="SiT-XL/2", choices=list(SiT_models), help="SiT preset (size/patch)")
+    a.add_argument("--depth", type=int, help="override the preset's number of blocks (quick experiments)")
+    a.add_argument("--hidden-size", type=int, help="override the preset's width")
+    a.add_argument("--num-heads", type=int, help="override the preset's attention heads")
+    a.add_argument("--routing", default="static", choices=ROUTINGS, help="residual (SiT) or a DAR query variant")
+    a.add_argument("--chunk", type=int, default=4, help="DAR chunk size S in sublayers (1 = dense)")
+    a.add_argument("--final-agg", choices=FINAL_AGGS, help="DAR final aggregator; default: reuse with --repa, "
+                   "else dedicated")
+    a.add_argument("--kernel", default="auto", choices=KERNELS, help="DAR aggregation: fused Triton or torch")
+    a = p.add_argument_group("data")
+    a.add_argument("--data-path", help="a directory written by prepare_imagenet.py")
+    a.add_argument("--data", choices=["shapes"], help="the built-in toy dataset instead of --data-path")
+    a.add_argument("--image-size", type=int, help="image size: 256 for ImageNet latents, 32 (default) for shapes")
+    a = p.add_argument_group("optimisation")
+    a.add_argument("--global-batch-size", type=int, default=1024, help="images per optimiser step, all GPUs")
+    a.add_argument("--micro-batch-size", type=int, help="images per GPU per forward; the gradient accumulates "
+                   "over global / (GPUs x micro) passes (default: no accumulation)")
+    a.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, no weight decay)")
+    a.add_argument("--max-steps", type=int, default=400_000, help="optimiser steps to train for")
+    a.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off, as SiT)")
+    a.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    a.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast or plain fp32")
+    a.add_argument("--compile", action="store_true", help="torch.compile the model")
+    a.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward")
+    a.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and every draw")
+    a = p.add_argument_group("REPA")
+    a.add_argument("--repa", action="store_true", help="add REPA's alignment loss (DINOv2-B features)")
+    a.add_argument("--repa-encoder", default=repa.DINOV2_URL, help="dinov2_vitb14_pretrain.pth: path or URL")
+    a.add_argument("--repa-depth", type=int, help="align z_k after block k (default 8; 4 for S and B models)")
+    a.add_argument("--repa-coeff", type=float, default=0.5, help="weight of the alignment loss")
+    a = p.add_argument_group("run")
+    a.add_argument("--results-dir", help="this run's directory (default: results/<model>-<routing>)")
+    a.add_argument("--resume", help="continue a run from a checkpoint path, or 'latest' in --results-dir")
+    a.add_argument("--init-from", help="start from a checkpoint's weights (ours or a released SiT), path or URL")
+    a.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    a.add_argument("--eval-every", type=int, default=10_000, help="steps between held-out losses (0: never)")
+    a.add_argument("--eval-samples", type=int, default=1_000, help="held-out images evaluated")
+    a.add_argument("--sample-every", type=int, default=10_000, help="steps between EMA sample grids (0: never)")
+    a.add_argument("--sample-steps", type=int, default=50, help="Heun steps of the grid's ODE sampler")
+    a.add_argument("--sample-cfg", type=float, default=4.0, help="guidance scale of the sample grids")
+    a.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
+    a.add_argument("--bench", action="store_true", help="time training steps on random data and exit")
+    args = p.parse_args(argv)
+
+    if (args.data is None) == (args.data_path is None):
+        p.error("give exactly one of --data-path DIR (prepared latents) and --data=shapes (the toy data)")
+    if args.resume and args.init_from:
+        p.error("--resume continues a run, --init-from starts a new one from weights: give one")
+    if args.chunk < 1:
+        p.error("--chunk must be >= 1")
+    if args.final_agg is None:
+        args.final_agg = "reuse" if args.repa else "dedicated"
+    if args.repa_depth is None:
+        args.repa_depth = 4 if args.model.split("/")[0] in ("SiT-S", "SiT-B") else 8
+    if args.results_dir is None:
+        args.results_dir = os.path.join("results", f"{args.model.replace('/', '-')}-{args.routing}")
+    return args
+
+
+#################################################################################
+#                                   Helpers                                     #
+#################################################################################
+
+def setup_distributed():
+    """(rank, world size, device): torchrun's variables when present (NCCL on GPUs, gloo on CPUs), else one
+    process on the GPU if there is one."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def build_model(args, data):
+    overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
+                                   ("num_heads", args.num_heads)) if v is not None}
+    return SiT_models[args.model](
+        input_size=data.size, in_channels=data.channels, num_classes=data.num_classes, routing=args.routing,
+        chunk=args.chunk, final_agg=args.final_agg, kernel=args.kernel, **overrides)
+
+
+def init_from(model, source):
+    """Load a checkpoint's weights as a starting point. Residual routing loads strictly. DAR loads the SiT
+    weights strictly and the routers only from a checkpoint with the same routing, chunk and final aggregator;
+    otherwise the routers start as at step 0 (the paper applies DAR when fine-tuning existing models). With
+    routing="explicit" the loaded timestep embedder is kept, so e(t) is not zero at the start."""
+    checkpoint = load_checkpoint(source)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights_of(checkpoint).items()}
+    cfg = model.config
+    theirs = checkpoint.get("config", {}) if isinstance(checkpoint.get("config"), dict) else {}
+    same_routing = all(theirs.get(k) == getattr(cfg, k) for k in ("routing", "chunk", "final_agg"))
+    if cfg.routing == "residual" or same_routing:
+        model.load_state_dict(state, strict=True)
+        return
+    shared = {k: v for k, v in state.items() if not k.startswith("routers.")}
+    missing, unexpected = model.load_state_dict(shared, strict=False)
+    if unexpected or any(not k.startswith("routers.") for k in missing):
+        raise ValueError(f"{source} does not fit {cfg}: missing {missing}, unexpected {unexpected}")
+
+
+class Trainee(nn.Module):
+    """What DDP wraps: the SiT and, with REPA, its projector. forward returns the velocity and the projected
+    z_k (or None)."""
+
+    def __init__(self, model, projector=None, repa_depth=None):
+        super().__init__()
+        self.model, self.projector, self.repa_depth = model, projector, repa_depth
+
+    def forward(self, x, t, y):
+        if self.projector is None:
+            return self.model(x, t, y), None
+        v, extras = self.model(x, t, y, return_states=True)
+        return v, self.projector(extras["z"][self.repa_depth - 1])
+
+
+class Stream:
+    """The global batch of step s and every random draw that goes with it, as a function of (seed, s).
+    The data order is a fresh permutation of the training indices every epoch (the last partial batch of an
+    epoch is dropped)."""
+
+    def __init__(self, data, global_batch, seed, device):
+        self.data, self.G, self.seed, self.device = data, global_batch, seed, device
+        self.train = torch.as_tensor(list(data.train))
+        self.steps_per_epoch = len(self.train) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the global batch {global_batch} is larger than the {len(self.train)} training images")
+        self.epoch, self.order = None, None
+
+    def draw(self, step, drop_prob):
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self.epoch, self.order = epoch, self.train[torch.randperm(len(self.train), generator=g)]
+        g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + step)
+        shape, dev = (self.G, self.data.channels, self.data.size, self.data.size), self.device
+        return dict(
+            indices=self.order[pos * self.G:(pos + 1) * self.G],
+            t=torch.rand(self.G, generator=g, device=dev),
+            drop=torch.rand(self.G, generator=g, device=dev) < drop_prob,  # labels -> null class
+            flip=torch.rand(self.G, generator=g, device=dev) < 0.5,  # latents only
+            eps=torch.randn(shape, generator=g, device=dev),  # the interpolant's noise
+            posterior=torch.randn(shape, generator=g, device=dev))  # latents only: the posterior sample's noise
+
+
+def flops_per_image(model):
+    """Forward matmul FLOPs of one image, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        meta = type(model)(**model_config(model))
+    cfg = meta.config
+    x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        meta(x, torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+    return counter.get_total_flops()
+
+
+def peak_flops(device, precision):
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+#################################################################################
+#                                    Training                                   #
+#################################################################################
+
+def main(args):
+    # 1. Processes, devices, precision.
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if args.global_batch_size % world:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} must be divisible by the {world} processes")
+    per_rank = args.global_batch_size // world
+    micro = args.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise SystemExit(f"--micro-batch-size {micro} must divide the per-process batch {per_rank}")
+    accum = per_rank // micro
+
+    # 2. Data, model, EMA, REPA, optimiser.
+    data = load_data("shapes" if args.data else args.data_path, args.image_size, args.seed, args.eval_samples)
+    model = build_model(args, data).to(device)
+    model.grad_checkpoint = args.grad_checkpoint
+    projector, encoder = None, None
+    if args.repa:
+        tokens = (data.size // model.config.patch_size) ** 2
+        if tokens != 256:
+            raise SystemExit(f"REPA aligns with DINOv2's 256 patch tokens, but this model has {tokens}: use patch 2 "
+                             "on 32x32 inputs")
+        if not 1 <= args.repa_depth <= model.config.depth:
+            raise SystemExit(f"--repa-depth must be in [1, {model.config.depth}]")
+        projector = repa.projector(model.config.hidden_size).to(device)
+        encoder = repa.load_encoder(args.repa_encoder).to(device)
+    trainee = Trainee(model, projector, args.repa_depth)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(trainee.parameters(), lr=args.lr, weight_decay=0)
+    step = 0
+
+    ckpt_dir = os.path.join(args.results_dir, "checkpoints")
+    if args.resume:
+        source = latest_checkpoint(ckpt_dir) if args.resume == "latest" else args.resume
+        ckpt = load_checkpoint(source)
+        changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RUN_DEFINING if ckpt["args"].get(k) != getattr(args, k)}
+        if changed:
+            raise SystemExit(f"{source} was trained with other settings; resuming would not continue that run. "
+                             f"Differences (checkpoint, now): {changed}")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        if projector is not None:
+            projector.load_state_dict(ckpt["projector"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if master:
+            print(f"resumed from {source} at step {step}")
+    elif not args.bench:
+        if glob.glob(os.path.join(ckpt_dir, "*.pt")):
+            raise SystemExit(f"{args.results_dir} already holds checkpoints: continue with --resume latest, or give "
+                             "another --results-dir")
+        if args.init_from:
+            init_from(model, args.init_from)
+            ema.load_state_dict(model.state_dict())
+    module = torch.compile(trainee) if args.compile else trainee
+    if world > 1:
+        module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if args.bench:
+        return bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum)
+    if master:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
+        with open(os.path.join(args.results_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{args.model} {args.routing} c{args.chunk}: {n_params / 1e6:.2f}M parameters; {world} process(es), "
+              f"{per_rank} images each per step in {accum} pass(es); {device}, {args.precision}")
+    stream = Stream(data, args.global_batch_size, args.seed, device)
+    log = open(os.path.join(args.results_dir, "log.jsonl"), "a") if master else None
+    fpi, peak = flops_per_image(model), peak_flops(device, args.precision)
+    loss_sum, interval_steps, t_last = torch.zeros(2, device=device), 0, time.time()
+
+    # 3. The loop.
+    while step < args.max_steps:
+        draw = stream.draw(step, model.config.class_dropout_prob)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
+        losses, grad_norm = train_step(args, module, opt, data, draw, mine, micro, accum, encoder, autocast,
+                                       model.config.num_classes)
+        update_ema(ema, model, args.ema_decay)
+        step += 1
+        loss_sum += torch.stack([losses[0], losses[1]]).detach()
+        interval_steps += 1
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss, repa_loss = (all_reduced(loss_sum, world) / (interval_steps * world)).tolist()
+            stop_unless_finite(loss, step, ckpt_dir)
+            dt = time.time() - t_last
+            record = dict(step=step, loss=loss, grad_norm=grad_norm.item(), steps_per_s=interval_steps / dt,
+                          images_per_s=interval_steps * args.global_batch_size / dt)
+            if args.repa:
+                record["repa_loss"] = repa_loss
+            if device.type == "cuda":
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                if peak:
+                    record["mfu"] = 3 * fpi * record["images_per_s"] / (world * peak)
+            write_log(log, record)
+            loss_sum.zero_()
+            interval_steps, t_last = 0, time.time()
+        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+            write_log(log, dict(step=step, **evaluate(args, model, ema, data, device, autocast, rank, world)))
+        if master and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+            sample_grid(args, ema, data, device, step)
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            stop_unless_finite(all_reduced(loss_sum, world)[0].item(), step, ckpt_dir)  # steps not yet logged
+            if master:
+                save_checkpoint(dict(config=model_config(model), args=vars(args), step=step, model=model.state_dict(),
+                                     ema=ema.state_dict(), opt=opt.state_dict(),
+                                     projector=projector.state_dict() if projector is not None else None,
+                                     rng=dict(cpu=torch.get_rng_state()),
+                                     data=dict(seed=args.seed, samples_seen=step * args.global_batch_size)),
+                                os.path.join(ckpt_dir, f"{step:07d}.pt"))
+            if world > 1:
+                dist.barrier()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def train_step(args, module, opt, data, draw, mine, micro, accum, encoder, autocast, null_class):
+    """One optimiser step over this rank's share of the global batch; returns ((loss, repa loss), grad norm)."""
+    total, total_repa = 0.0, 0.0
+    for k in range(accum):
+        part = slice(mine.start + k * micro, mine.start + (k + 1) * micro)
+        indices = draw["indices"][part]
+        x1, y, images = data.batch(indices, draw["flip"][part], draw["posterior"][part], images=encoder is not None)
+        x1, y = x1.to(draw["t"].device), y.to(draw["t"].device)
+        y = torch.where(draw["drop"][part], null_class, y)  # for classifier-free guidance
+        xt, target = interpolate(x1, draw["eps"][part], draw["t"][part])
+        if isinstance(module, DDP):
+            module.require_backward_grad_sync = k == accum - 1  # all-reduce gradients on the last pass only
+        with autocast:
+            v, projected = module(xt, draw["t"][part], y)
+            loss = (v.float() - target).pow(2).mean()
+            repa_loss = torch.zeros((), device=loss.device)
+            if projected is not None:
+                with torch.no_grad():
+                    features = encoder(repa.preprocess(images))
+                repa_loss = repa.alignment_loss(projected, features)
+        ((loss + args.repa_coeff * repa_loss) / accum).backward()
+        total, total_repa = total + loss.detach() / accum, total_repa + repa_loss.detach() / accum
+    params = [p for group in opt.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return (total, total_repa), grad_norm
+
+
+def all_reduced(x, world):
+    """The sum of x over all processes, as a new tensor."""
+    x = x.clone()
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def stop_unless_finite(loss, step, ckpt_dir):
+    if not math.isfinite(loss):
+        raise SystemExit(f"step {step}: the loss is {loss}; stopping before anything else is written. The last good "
+                         f"checkpoint is in {ckpt_dir}: lower --lr, set --grad-clip or use --precision fp32, then "
+                         "--resume from it")
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, every parameter and buffer (pos_embed too, as SiT)."""
+    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+        e.lerp_(p, 1 - decay)
+
+
+@torch.no_grad()
+def evaluate(args, model, ema, data, device, autocast, rank, world):
+    """Held-out velocity loss of the model and of its EMA at a fixed grid of t, with fixed noise and (for
+    latents) the posterior mean: the same numbers for the same weights, comparable between runs."""
+    ts = (torch.arange(8, device=device) + 0.5) / 8
+    indices = torch.as_tensor(list(data.eval))[: args.eval_samples]
+    g = torch.Generator(device).manual_seed(12345)
+    eps = torch.randn(len(indices), data.channels, data.size, data.size, generator=g, device=device)
+    sums = torch.zeros(2, len(ts), device=device)
+    mine = range(rank, len(indices), world)
+    for start in range(0, len(mine), 64):
+        part = torch.as_tensor(mine[start:start + 64])
+        x1, y, _ = data.batch(indices[part], flip=None, noise=None)
+        x1, y = x1.to(device), y.to(device)
+        for j, t in enumerate(ts):
+            tt = t.expand(len(part))
+            xt, target = interpolate(x1, eps[part.to(device)], tt)
+            for m, net in enumerate((model, ema)):
+                with autocast:
+                    sums[m, j] += (net(xt, tt, y).float() - target).pow(2).mean((1, 2, 3)).sum()
+    if world > 1:
+        dist.all_reduce(sums)
+    per_t = (sums / len(indices)).tolist()
+    return dict(eval_loss=sum(per_t[0]) / len(ts), eval_loss_ema=sum(per_t[1]) / len(ts), eval_t=ts.tolist(),
+                eval_loss_by_t=per_t[0], eval_loss_ema_by_t=per_t[1])
+
+
+@torch.no_grad()
+def sample_grid(args, ema, data, device, step):
+    """A PNG of EMA samples, one row per class (up to 10 classes), from fixed noise."""
+    if isinstance(data, Latents):
+        print(f"step {step}: no sample grid for latent data yet (needs the SD-VAE decoder of prepare_imagenet.py)")
+        return
+    classes = min(10, data.num_classes)
+    g = torch.Generator(device).manual_seed(777)
+    y = torch.arange(classes, device=device).repeat_interleave(8)
+    z = torch.randn(len(y), data.channels, data.size, data.size, generator=g, device=device)
+    x = sample_ode(ema, z, y, num_steps=args.sample_steps, cfg_scale=args.sample_cfg)
+    path = os.path.join(args.results_dir, "samples", f"{step:07d}.png")
+    save_grid(to_uint8(x), path, nrow=8)
+    print(f"step {step}: samples in {path}")
+
+
+def write_log(log, record):
+    if log is None:
+        return
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                   if not isinstance(v, list)))
+
+
+def latest_checkpoint(ckpt_dir):
+    paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.pt")))
+    if not paths:
+        raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir}")
+    return paths[-1]
+
+
+#################################################################################
+#                                   Benchmark                                   #
+#################################################################################
+
+def bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum, warmup=5, steps=20):
+    """Time full training steps (forward, backward, optimiser, EMA) on data drawn like training's."""
+    stream = Stream(data, args.global_batch_size, args.seed, device)
+    per_rank = args.global_batch_size // world
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync()
+            start = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        draw = stream.draw(step, model.config.class_dropout_prob)
+        train_step(args, module, opt, data, draw, slice(0, per_rank), micro, accum, encoder, autocast,
+                   model.config.num_classes)
+        update_ema(ema, model, args.ema_decay)
+    sync()
+    step_time = (time.time() - start) / steps
+    images_per_s = args.global_batch_size / step_time
+    peak = peak_flops(device, args.precision)
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else "n/a"
+    mfu = f"{3 * flops_per_image(model) * images_per_s / (world * peak):.1%}" if peak else "n/a"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"| device | model | routing | kernel | batch/GPU | step s | images/s | peak memory | MFU |\n"
+          f"| {name} | {args.model} | {args.routing} c{args.chunk} | {args.kernel} | {micro} x {accum} | "
+          f"{step_time:.3f} | {images_per_s:.1f} | {mem} | {mfu} |")
+
+
+if __name__ == "__main__":
+    main(parse_args())
