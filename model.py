@@ -411,17 +411,22 @@ def model_config(model):
     return asdict(model.config)
 
 
-if __name__ == "__main__":
+def forward_flops(config):
+    """Matmul and attention FLOPs (2 per multiply-add) of one image's forward pass, for a model config dict,
+    counted on the meta device (nothing is allocated)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    def gflops(model):
-        # Matmul and attention FLOPs (2 per multiply-add) of one image, counted on the meta device.
-        cfg = model.config
-        x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device="meta")
-        t, y = torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta")
-        with FlopCounterMode(display=False) as counter:
-            model(x, t, y)
-        return counter.get_total_flops() / 1e9
+    with torch.device("meta"):
+        model = SiT(**config)
+    cfg = model.config
+    x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device="meta")
+    t, y = torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    return counter.get_total_flops()
+
+
+if __name__ == "__main__":
 
     def mix_gflops(model):
         # DAR's aggregation is elementwise and uncounted above: about 6 FLOPs per source element
@@ -440,7 +445,8 @@ if __name__ == "__main__":
             with torch.device("meta"):
                 model = build(routing=routing)
             params = sum(p.numel() for p in model.parameters())
-            row += f" | {params / 1e6:>6.1f}M {gflops(model):>7.1f} {mix_gflops(model):>5.2f}"
+            gflops = forward_flops(model_config(model)) / 1e9
+            row += f" | {params / 1e6:>6.1f}M {gflops:>7.1f} {mix_gflops(model):>5.2f}"
         print(row)
     print("256x256 images as 4x32x32 SD-VAE latents, chunk 4, dedicated final aggregator. params include the"
           "\nfrozen pos_embed; GFLOPs count 2 per multiply-add (DiT's paper counts 1: 118.6 for XL/2); +mix is"

@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import repa
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
 from data import Latents, load_data
-from model import (SiT_models, interpolate, load_checkpoint, model_config, save_checkpoint, weights_of)
+from model import (SiT_models, forward_flops, interpolate, load_checkpoint, model_config, save_checkpoint,
+                   weights_of)
 from sample import sample_ode, save_grid, to_uint8
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; more specific names first. Unknown GPUs report no MFU.
@@ -196,19 +197,6 @@ class Stream:
             posterior=torch.randn(shape, generator=g, device=dev))  # latents only: the posterior sample's noise
 
 
-def flops_per_image(model):
-    """Forward matmul FLOPs of one image, counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        meta = type(model)(**model_config(model))
-    cfg = meta.config
-    x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        meta(x, torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
-    return counter.get_total_flops()
-
-
 def peak_flops(device, precision):
     if device.type != "cuda" or precision != "bf16":
         return None
@@ -294,7 +282,7 @@ def main(args):
               f"{per_rank} images each per step in {accum} pass(es); {device}, {args.precision}")
     stream = Stream(data, args.global_batch_size, args.seed, device)
     log = open(os.path.join(args.results_dir, "log.jsonl"), "a") if master else None
-    fpi, peak = flops_per_image(model), peak_flops(device, args.precision)
+    fpi, peak = forward_flops(model_config(model)), peak_flops(device, args.precision)
     loss_sum, interval_steps, t_last = torch.zeros(2, device=device), 0, time.time()
 
     # 3. The loop.
@@ -476,7 +464,7 @@ def bench(args, module, opt, model, ema, encoder, data, device, autocast, world,
     images_per_s = args.global_batch_size / step_time
     peak = peak_flops(device, args.precision)
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else "n/a"
-    mfu = f"{3 * flops_per_image(model) * images_per_s / (world * peak):.1%}" if peak else "n/a"
+    mfu = f"{3 * forward_flops(model_config(model)) * images_per_s / (world * peak):.1%}" if peak else "n/a"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"| device | model | routing | kernel | batch/GPU | step s | images/s | peak memory | MFU |\n"
           f"| {name} | {args.model} | {args.routing} c{args.chunk} | {args.kernel} | {micro} x {accum} | "
