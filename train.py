@@ -25,6 +25,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -175,7 +176,7 @@ class Stream:
 
     def __init__(self, data, global_batch, seed, device):
         self.data, self.G, self.seed, self.device = data, global_batch, seed, device
-        self.train = torch.as_tensor(list(data.train))
+        self.train = torch.as_tensor(np.asarray(data.train))
         self.steps_per_epoch = len(self.train) // global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"the global batch {global_batch} is larger than the {len(self.train)} training images")
@@ -401,9 +402,7 @@ def evaluate(args, model, ema, data, device, autocast, rank, world):
             for m, net in enumerate((model, ema)):
                 with autocast:
                     sums[m, j] += (net(xt, tt, y).float() - target).pow(2).mean((1, 2, 3)).sum()
-    if world > 1:
-        dist.all_reduce(sums)
-    per_t = (sums / len(indices)).tolist()
+    per_t = (all_reduced(sums, world) / len(indices)).tolist()
     return dict(eval_loss=sum(per_t[0]) / len(ts), eval_loss_ema=sum(per_t[1]) / len(ts), eval_t=ts.tolist(),
                 eval_loss_by_t=per_t[0], eval_loss_ema_by_t=per_t[1])
 
