@@ -9,6 +9,7 @@ t in [0, 1], t = 0 pure noise and t = 1 data; the network predicts the velocity 
 
     python model.py    prints parameter counts and forward GFLOPs of every preset and routing
 """
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -367,12 +368,37 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(source):
-    """A checkpoint from a local path or a URL, onto the CPU, with weights_only=True."""
+    """A checkpoint or state dict from a local path or a URL (downloaded once into torch.hub's cache), onto
+    the CPU: torch.save files with weights_only=True, .safetensors files by their documented layout."""
     if "://" in source:
-        return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
+        # The cached name keeps the URL's path: the ema and mse VAEs share a file name.
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", source.split("://", 1)[1].replace("/", "_"))
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(source, path)
+        source = path
     if not os.path.exists(source):
         raise FileNotFoundError(f"no checkpoint at {source}")
+    if source.endswith(".safetensors"):
+        return read_safetensors(source)
     return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def read_safetensors(path):
+    """A .safetensors file: an 8-byte little-endian header length, a JSON header mapping each name to its
+    dtype, shape and byte range, then the raw little-endian data. No pickle, hence no safetensors package."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        data = bytearray(f.read())
+    header.pop("__metadata__", None)
+    state = {}
+    for name, info in header.items():
+        dtype, (begin, end) = dtypes[info["dtype"]], info["data_offsets"]
+        flat = torch.frombuffer(data, dtype=dtype, offset=begin, count=(end - begin) // dtype.itemsize)
+        state[name] = flat.reshape(info["shape"])
+    return state
 
 
 def weights_of(checkpoint, ema=True):
@@ -385,13 +411,29 @@ def weights_of(checkpoint, ema=True):
 
 
 def load_model(source, ema=True):
-    """Rebuild a model from one of train.py's checkpoints: the architecture comes from the checkpoint."""
+    """Rebuild a model from one of train.py's checkpoints (its config) or a released SiT checkpoint (the
+    architecture read off its tensor shapes), with the EMA weights unless ema=False."""
     checkpoint = load_checkpoint(source)
-    if "config" not in checkpoint:
-        raise ValueError(f"{source} has no model config (not a train.py checkpoint)")
-    model = SiT(**checkpoint["config"])
-    model.load_state_dict(weights_of(checkpoint, ema), strict=True)
+    state = weights_of(checkpoint, ema)
+    model = SiT(**(checkpoint["config"] if "config" in checkpoint else config_of_weights(state, source)))
+    model.load_state_dict(state, strict=True)
     return model
+
+
+def config_of_weights(state, source="the checkpoint"):
+    """The config of a residual SiT state dict that comes without one: sizes from the shapes, the number of
+    heads from the preset of that depth and width (shapes do not show it)."""
+    if any(k.startswith("routers.") for k in state) or "x_embedder.proj.weight" not in state:
+        raise ValueError(f"{source} is neither a train.py checkpoint (no config) nor a released SiT state dict")
+    d, C, p, _ = state["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    heads = {(n, width): h for n, width, h in SIZES.values()}.get((depth, d))
+    if heads is None:
+        raise ValueError(f"{source}: depth {depth} and width {d} match no SiT preset, so the number of heads is unknown")
+    rows = state["y_embedder.embedding_table.weight"].shape[0]  # num_classes + the null class
+    return dict(input_size=math.isqrt(state["pos_embed"].shape[1]) * p, patch_size=p, in_channels=C, hidden_size=d,
+                depth=depth, num_heads=heads, num_classes=rows - 1, class_dropout_prob=0.1,
+                learn_sigma=state["final_layer.linear.weight"].shape[0] == 2 * p * p * C)
 
 
 #################################################################################

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Attention  # the same fused-qkv layout and key names as DINOv2's
+from model import Attention, load_checkpoint  # the same fused-qkv layout and key names as DINOv2's
 
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -96,11 +96,7 @@ def load_encoder(source, tokens=256):
         nn.init.normal_(encoder.pos_embed, std=0.02)
         nn.init.normal_(encoder.cls_token, std=0.02)
     else:
-        if "://" in source:
-            state = torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
-        else:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        encoder.load_state_dict(state, strict=True)
+        encoder.load_state_dict(load_checkpoint(source), strict=True)
     encoder.resample_pos_embed(int(tokens ** 0.5))
     return encoder.eval().requires_grad_(False)
 
