@@ -6,6 +6,7 @@ directory format is defined exactly once.
 Both expose the same interface: `train` and `eval` index ranges (the eval split is held out of training),
 `num_classes`, `channels`/`size` of the model's input, and `batch(indices, g)` returning the model input
 x1 (B, C, H, W) in the model's scale, labels y (B,) and, when asked, the uint8 images REPA encodes.
+The scripts that split data across processes (training, preparation, sampling) start them here too.
 """
 import json
 import math
@@ -13,6 +14,7 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 #################################################################################
@@ -108,11 +110,13 @@ class Shapes:
 #################################################################################
 # The directory format, version 1:
 #   manifest.json            {"format": 1, "count", "num_classes", "classes", "image_size", "latent_shape",
-#                             "latent_dtype", "vae", "images": bool, "shards": [{"name", "count"}, ...], ...}
+#                             "latent_dtype", "vae", "images": bool, "shards": [{"name", "count"}, ...],
+#                             "skipped": [[file, reason], ...], ...}
 #   <shard>/moments.npy      (n, 2, 2, 4, 32, 32) float16/32: [unflipped, flipped][posterior mean, std]
+#                            (4 x 32 x 32 is "latent_shape", image_size / 8 on a side)
 #   <shard>/labels.npy       (n,) int64 class indices (sorted folder order; names in "classes")
 #   <shard>/images.npy       (n, 256, 256, 3) uint8 centre crops, unflipped (only with "images": true, for REPA)
-# Only shards listed in the manifest exist as far as readers are concerned; a shard is listed once complete.
+# The manifest is written once every shard is complete; readers see nothing before that.
 
 FORMAT = 1
 LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance
@@ -189,3 +193,23 @@ def load_data(name_or_path, image_size=None, seed=0, num_eval=1_000):
     if image_size not in (None, expected):
         raise ValueError(f"{name_or_path} holds latents of {expected}px images, not {image_size}px")
     return data
+
+
+#################################################################################
+#                                  Processes                                    #
+#################################################################################
+
+def setup_distributed():
+    """(rank, world size, device): torchrun's variables when present (NCCL on GPUs, gloo on CPUs), else one
+    process on the GPU if there is one."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
