@@ -33,10 +33,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import repa
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
-from data import Latents, load_data
+from data import Latents, load_data, setup_distributed
 from model import (SiT_models, forward_flops, interpolate, load_checkpoint, model_config, save_checkpoint,
                    weights_of)
-from sample import sample_ode, save_grid, to_uint8
+from sample import decode, sample_ode, save_grid
+from vae import load_vae
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; more specific names first. Unknown GPUs report no MFU.
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20", 148e12), ("A100", 312e12))
@@ -88,6 +89,7 @@ def parse_args(argv=None):
     a.add_argument("--sample-every", type=int, default=10_000, help="steps between EMA sample grids (0: never)")
     a.add_argument("--sample-steps", type=int, default=50, help="Heun steps of the grid's ODE sampler")
     a.add_argument("--sample-cfg", type=float, default=4.0, help="guidance scale of the sample grids")
+    a.add_argument("--vae", help="SD-VAE that decodes the grids of latent models (default: the dataset's)")
     a.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
     a.add_argument("--bench", action="store_true", help="time training steps on random data and exit")
     args = p.parse_args(argv)
@@ -110,22 +112,6 @@ def parse_args(argv=None):
 #################################################################################
 #                                   Helpers                                     #
 #################################################################################
-
-def setup_distributed():
-    """(rank, world size, device): torchrun's variables when present (NCCL on GPUs, gloo on CPUs), else one
-    process on the GPU if there is one."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
-
 
 def build_model(args, data):
     overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
@@ -226,6 +212,9 @@ def main(args):
 
     # 2. Data, model, EMA, REPA, optimiser.
     data = load_data("shapes" if args.data else args.data_path, args.image_size, args.seed, args.eval_samples)
+    vae = None  # decodes the sample grids of latent models
+    if isinstance(data, Latents) and master and args.sample_every:
+        vae = load_vae(args.vae or data.manifest["vae"]).to(device)
     model = build_model(args, data).to(device)
     model.grad_checkpoint = args.grad_checkpoint
     projector, encoder = None, None
@@ -315,7 +304,7 @@ def main(args):
         if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
             write_log(log, dict(step=step, **evaluate(args, model, ema, data, device, autocast, rank, world)))
         if master and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-            sample_grid(args, ema, data, device, step)
+            sample_grid(args, ema, data, device, step, vae)
         if step % args.ckpt_every == 0 or step == args.max_steps:
             stop_unless_finite(all_reduced(loss_sum, world)[0].item(), step, ckpt_dir)  # steps not yet logged
             if master:
@@ -408,18 +397,15 @@ def evaluate(args, model, ema, data, device, autocast, rank, world):
 
 
 @torch.no_grad()
-def sample_grid(args, ema, data, device, step):
-    """A PNG of EMA samples, one row per class (up to 10 classes), from fixed noise."""
-    if isinstance(data, Latents):
-        print(f"step {step}: no sample grid for latent data yet (needs the SD-VAE decoder of prepare_imagenet.py)")
-        return
+def sample_grid(args, ema, data, device, step, vae):
+    """A PNG of EMA samples, one row per class (up to 10 classes), from fixed noise; latents decoded by vae."""
     classes = min(10, data.num_classes)
     g = torch.Generator(device).manual_seed(777)
     y = torch.arange(classes, device=device).repeat_interleave(8)
     z = torch.randn(len(y), data.channels, data.size, data.size, generator=g, device=device)
     x = sample_ode(ema, z, y, num_steps=args.sample_steps, cfg_scale=args.sample_cfg)
     path = os.path.join(args.results_dir, "samples", f"{step:07d}.png")
-    save_grid(to_uint8(x), path, nrow=8)
+    save_grid(decode(x, vae), path, nrow=8)
     print(f"step {step}: samples in {path}")
 
 

@@ -1,0 +1,369 @@
+"""
+Inception Score, FID, sFID, precision and recall as OpenAI's ADM evaluator (guided-diffusion/evaluations)
+computes them, in plain PyTorch: no TensorFlow, no torchvision.
+
+    python fid.py VIRTUAL_imagenet256_labeled.npz samples/xl2.npz     # ADM's reference batch vs sample.py's
+    python fid.py --make-ref shapes --image-size 16 --num 10000 ref_shapes16.npz     # a toy reference batch
+
+What makes the numbers ADM's (facts: ../shared/notes/fid.md):
+  - the FID Inception network with the TF 2015-12-05 weights (pt_inception-2015-12-05-6726825d.pth, a plain
+    state dict in torchvision's names), and the TF graph's pooling quirks: average pools exclude the padding,
+    Mixed_7c's pool branch is a max pool;
+  - inputs resized to 299 by TensorFlow 1's bilinear rule (source pixel i * in / out, no half-pixel offset),
+    then (x - 128) / 128;
+  - FID on pool_3 (2048); sFID on the first 7 channels of Mixed_6d.branch1x1 flattened in (h, w, c) order
+    (17 x 17 x 7 = 2023); IS from softmax(pool_3 @ W) over 1008 classes without the bias, in consecutive
+    splits of 5000; precision and recall with k = 3 nearest-neighbour balls on pool_3;
+  - statistics in float64 with ddof = 1; the reference's mu, sigma, mu_s, sigma_s when its .npz has them.
+Differences: the matrix square root is taken by symmetric eigendecompositions (the same value; SciPy's
+sqrtm has broken and changed its signature across versions), and precision/recall distances are float32
+where ADM's are float16 when finite (a difference of about 1e-3 in either).
+"""
+import argparse
+import json
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import load_checkpoint
+
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+
+
+#################################################################################
+#                        The FID Inception network                              #
+#################################################################################
+
+class BatchNorm(nn.Module):
+    """Inference-only batch norm with exactly the checkpoint's four tensors (no num_batches_tracked)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = BatchNorm(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool(x):
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # TF's SAME pooling skips padding
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = BasicConv2d(cin, 48, 1), BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = BasicConv2d(64, 96, 3, padding=1), BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = BasicConv2d(64, 96, 3, padding=1), BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, cin, c7):
+        super().__init__()
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2 = BasicConv2d(cin, c7, 1), BasicConv2d(c7, c7, **row)
+        self.branch7x7_3 = BasicConv2d(c7, 192, **col)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = BasicConv2d(cin, c7, 1), BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = BasicConv2d(c7, c7, **row), BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        dbl = x
+        for i in range(1, 6):
+            dbl = getattr(self, f"branch7x7dbl_{i}")(dbl)
+        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))), dbl,
+                          self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = BasicConv2d(cin, 192, 1), BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = BasicConv2d(384, 384, **row), BasicConv2d(384, 384, **col)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv2d(cin, 448, 1), BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = BasicConv2d(384, 384, **row), BasicConv2d(384, 384, **col)
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+        self.max_pool = max_pool  # the TF graph's Mixed_7c pools by max, unlike every other block
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a), self.branch3x3dbl_3a(b),
+                          self.branch3x3dbl_3b(b), self.branch_pool(pool)], 1)
+
+
+class InceptionV3(nn.Module):
+    """uint8 images (B, H, W, 3) of any size -> {"pool": (B, 2048), "spatial": (B, 2023), "logits": (B, 1008)}."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float()
+        x = (tf1_resize(x, 299) - 128) / 128
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(F.max_pool2d(x, 3, stride=2)))))
+        x = self.Mixed_6c(self.Mixed_6b(x))
+        spatial = self.Mixed_6d.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)  # TF's NHWC order
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))))
+        pool = x.mean((2, 3))
+        return {"pool": pool, "spatial": spatial, "logits": pool @ self.fc.weight.T}  # ADM's IS skips the bias
+
+
+def tf1_resize(x, size):
+    """TensorFlow 1's bilinear resize (align_corners=False, no half-pixel centres): output pixel i reads the
+    source at i * in / out, blending rows then columns. (B, C, H, W) float -> (B, C, size, size)."""
+
+    def axis(n):
+        src = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
+        lo = src.floor().long()
+        return lo, (lo + 1).clamp(max=n - 1), src - lo
+
+    (top, bottom, fy), (left, right, fx) = axis(x.shape[2]), axis(x.shape[3])
+    rows = x[:, :, top] + (x[:, :, bottom] - x[:, :, top]) * fy[:, None]
+    return rows[..., left] + (rows[..., right] - rows[..., left]) * fx
+
+
+def load_inception(source=INCEPTION_URL):
+    """The FID Inception from a path or URL of pt_inception-2015-12-05-6726825d.pth, in eval mode without
+    gradients. source="random": a seeded random network of the same architecture, for tests only."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = InceptionV3()
+        for m in net.modules():  # He init keeps random activations O(1) through the 94 ReLU layers
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    if source != "random":
+        net.load_state_dict(load_checkpoint(source), strict=True)
+    return net.eval().requires_grad_(False)
+
+
+#################################################################################
+#                                  Images in                                    #
+#################################################################################
+
+def npz_batches(path, batch_size, key="arr_0"):
+    """Batches of uint8 (b, H, W, 3) images from a .npz, read from the zip one batch at a time (50K 256px
+    samples are 9.8 GB), after checking what the array is."""
+    with zipfile.ZipFile(path) as zf:
+        if f"{key}.npy" not in zf.namelist():
+            keys = [n[:-4] for n in zf.namelist()]
+            raise ValueError(f"{path} has no '{key}' array (it has {keys}): ADM-format files keep the images in "
+                             f"arr_0 (sample.py --num-fid-samples writes one)")
+        with zf.open(f"{key}.npy") as f:
+            shape, fortran, dtype = npy_header(f)
+            if len(shape) != 4 or shape[3] != 3 or fortran:
+                raise ValueError(f"{path}: {key} must be N x H x W x 3 (channels last), got shape {shape}")
+            if dtype != np.uint8:
+                raise ValueError(f"{path}: {key} must be uint8 in [0, 255], got {dtype}. Convert images in "
+                                 f"[-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
+            row = int(np.prod(shape[1:]))
+            for start in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - start)
+                yield np.frombuffer(f.read(n * row), dtype=np.uint8).reshape(n, *shape[1:])
+
+
+def npy_header(f):
+    """(shape, fortran_order, dtype) of the .npy stream f, which is left at the start of the data."""
+    major, _ = np.lib.format.read_magic(f)
+    return (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)
+
+
+def count_of(path, key="arr_0"):
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        return npy_header(f)[0][0]
+
+
+@torch.no_grad()
+def features(net, batches, total=None, device="cpu"):
+    """{"pool", "spatial", "logits"} float64 arrays over all images of the batches."""
+    out = {"pool": [], "spatial": [], "logits": []}
+    for images in tqdm(batches, total=total, unit="batch", desc="inception"):
+        for key, value in net(torch.from_numpy(np.array(images)).to(device)).items():
+            out[key].append(value.double().cpu().numpy())
+    return {key: np.concatenate(value) for key, value in out.items()}
+
+
+#################################################################################
+#                                    Metrics                                    #
+#################################################################################
+
+def statistics(acts):
+    """(mean, covariance with ddof = 1), float64."""
+    acts = np.asarray(acts, dtype=np.float64)
+    return acts.mean(0), np.cov(acts, rowvar=False)
+
+
+def sqrt_psd(a):
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(w.clip(min=0))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^1/2), with tr((s1 s2)^1/2) taken as the trace of the
+    square root of the symmetric s1^1/2 s2 s1^1/2 (the same eigenvalues), in float64."""
+    root = sqrt_psd(sigma1)
+    eig = np.linalg.eigvalsh(root @ sigma2 @ root)
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eig.clip(min=0)).sum())
+
+
+def inception_score(logits, split_size=5000):
+    """Mean over consecutive splits of exp(E_x KL(p(y|x) || p(y))), p from a softmax over the logits."""
+    scores = []
+    for start in range(0, len(logits), split_size):
+        logp = torch.log_softmax(torch.as_tensor(logits[start:start + split_size], dtype=torch.float64), 1)
+        log_marginal = torch.logsumexp(logp, 0) - np.log(len(logp))
+        scores.append(torch.exp((logp.exp() * (logp - log_marginal)).sum(1).mean()).item())
+    return float(np.mean(scores))
+
+
+def squared_distances(a, b):
+    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)).clamp(min=0)
+
+
+def manifold_radii(feats, k=3, block=10_000):
+    """Squared distance of each point to its k-th nearest neighbour (itself excluded: the (k+1)-th smallest
+    with itself included, as ADM)."""
+    return torch.cat([squared_distances(feats[i:i + block], feats).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(feats), block)])
+
+
+def coverage(points, centres, radii, block=10_000):
+    """Fraction of points inside at least one ball (centre, squared radius), boundary included."""
+    inside = [(squared_distances(points[i:i + block], centres) <= radii).any(1) for i in range(0, len(points), block)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(ref, samples, k=3, device="cpu"):
+    """Improved precision (samples inside the reference manifold) and recall (reference inside the samples')."""
+    ref, samples = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (ref, samples))
+    return coverage(samples, ref, manifold_radii(ref, k)), coverage(ref, samples, manifold_radii(samples, k))
+
+
+def evaluate(ref_path, sample_path, net, device="cpu", batch_size=64):
+    """Every metric of sample_path against ref_path, as a dict."""
+    acts = {}
+    for name, path in (("ref", ref_path), ("samples", sample_path)):
+        total = -(-count_of(path) // batch_size)
+        acts[name] = features(net, npz_batches(path, batch_size), total, device)
+    with np.load(ref_path) as ref:
+        if "mu" in ref.files:  # ADM's reference batches: statistics of the whole dataset
+            ref_pool, ref_spatial = (ref["mu"], ref["sigma"]), (ref["mu_s"], ref["sigma_s"])
+        else:
+            ref_pool, ref_spatial = statistics(acts["ref"]["pool"]), statistics(acts["ref"]["spatial"])
+    s = acts["samples"]
+    precision, recall = precision_recall(acts["ref"]["pool"], s["pool"], device=device)
+    return {"inception_score": inception_score(s["logits"]),
+            "fid": frechet_distance(*statistics(s["pool"]), *ref_pool),
+            "sfid": frechet_distance(*statistics(s["spatial"]), *ref_spatial),
+            "precision": precision, "recall": recall}
+
+
+#################################################################################
+#                                  The script                                   #
+#################################################################################
+
+def make_reference(data_name, image_size, num, path, seed=0):
+    """An ADM-format reference batch (arr_0) of held-out images of the toy data."""
+    from data import Shapes  # only this mode needs the toy data
+
+    data = Shapes(size=image_size, seed=seed, num_eval=num)
+    np.savez(path, arr_0=data.images(data.eval)[0])
+    print(f"{num} held-out {data_name} images ({image_size}px) in {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="REF.npz SAMPLES.npz, or with --make-ref the .npz to write")
+    p.add_argument("--inception", default=INCEPTION_URL, help="pt_inception-2015-12-05-6726825d.pth: URL or path")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", help="also write the metrics to this file")
+    p.add_argument("--make-ref", choices=("shapes",), help="write a reference batch of the toy data instead")
+    p.add_argument("--image-size", type=int, default=32, help="--make-ref: image size")
+    p.add_argument("--num", type=int, default=10_000, help="--make-ref: number of images")
+    args = p.parse_args(argv)
+    if args.make_ref:
+        return make_reference(args.make_ref, args.image_size, args.num, args.files[0])
+    if len(args.files) != 2:
+        p.error("give two files: REF.npz SAMPLES.npz")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 moves FID
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    metrics = evaluate(*args.files, load_inception(args.inception).to(device), device, args.batch_size)
+    for name, label in (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
+                        ("precision", "Precision"), ("recall", "Recall")):
+        print(f"{label}: {metrics[name]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

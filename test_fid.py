@@ -1,0 +1,303 @@
+"""Tests of fid.py (the ADM metrics in PyTorch) and sample.py (samplers, grids, resumable N-sample runs) on the
+CPU, against closed forms, brute force and independent implementations; randomly initialised networks."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn as nn
+
+import fid
+from model import SiT, load_model, model_config, save_checkpoint
+from sample import LAST_STEP, sample_ode, sample_sde
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+#################################################################################
+#                              The Inception network                            #
+#################################################################################
+
+def test_inception_has_the_public_checkpoints_472_keys_and_loads_strictly(tmp_path):
+    expected = {}
+    for line in open(os.path.join(HERE, "testdata", "inception_keys.txt")):
+        if not line.startswith("#"):
+            key, shape = line.rstrip("\n").split("\t")
+            expected[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    net = fid.load_inception("random")
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == expected and len(expected) == 472
+    torch.save(net.state_dict(), tmp_path / "pt_inception.pth")
+    loaded = fid.load_inception(str(tmp_path / "pt_inception.pth"))
+    images = torch.randint(0, 256, (2, 40, 40, 3), dtype=torch.uint8)
+    out = loaded(images)
+    assert out["pool"].shape == (2, 2048) and out["spatial"].shape == (2, 2023) and out["logits"].shape == (2, 1008)
+    torch.testing.assert_close(out["pool"], net(images)["pool"], rtol=0, atol=0)
+
+
+def test_sfid_features_are_mixed_6d_branch1x1_channels_0_to_6_in_hwc_order():
+    net = fid.load_inception("random")
+    seen = {}
+    net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    spatial = net(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))["spatial"]
+    out = seen["out"]  # (2, 192, 17, 17), after the ReLU
+    assert out.shape == (2, 192, 17, 17)
+    for h, w, c in [(0, 0, 0), (0, 1, 0), (0, 0, 6), (3, 11, 5), (16, 16, 6)]:
+        assert spatial[1, (h * 17 + w) * 7 + c] == out[1, c, h, w]
+
+
+def tf1_resize_reference(image, size):
+    """TF1's resize_bilinear(align_corners=False) pixel by pixel in float64: y = i * in / out."""
+    H, W = image.shape
+    out = np.zeros((size, size))
+    for i in range(size):
+        y = i * H / size
+        y0, y1 = int(np.floor(y)), min(int(np.floor(y)) + 1, H - 1)
+        for j in range(size):
+            x = j * W / size
+            x0, x1 = int(np.floor(x)), min(int(np.floor(x)) + 1, W - 1)
+            top = image[y0, x0] + (image[y0, x1] - image[y0, x0]) * (x - x0)
+            bottom = image[y1, x0] + (image[y1, x1] - image[y1, x0]) * (x - x0)
+            out[i, j] = top + (bottom - top) * (y - y0)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (32, 32), (17, 40), (299, 299)])
+def test_tf1_resize_matches_its_formula(shape):
+    image = np.random.default_rng(0).integers(0, 256, shape).astype(np.float64)
+    ours = fid.tf1_resize(torch.tensor(image, dtype=torch.float32)[None, None], 299)[0, 0].double().numpy()
+    np.testing.assert_allclose(ours, tf1_resize_reference(image, 299), rtol=1e-5, atol=1e-5 * 255)
+
+
+#################################################################################
+#                                    Metrics                                    #
+#################################################################################
+
+def random_covariance(rng, d):
+    a = rng.standard_normal((d, 2 * d))
+    return a @ a.T / (2 * d)
+
+
+def test_frechet_distance_closed_form_and_scipy():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)  # diagonal: sum of (sqrt a - sqrt b)^2
+    closed = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, rel=1e-12)
+    assert fid.frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0, abs=1e-12)
+    for d in (5, 64, 300):
+        s1, s2 = random_covariance(rng, d), random_covariance(rng, d)
+        m1, m2 = rng.standard_normal(d), rng.standard_normal(d)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real  # the TTUR/ADM route
+        ttur = (m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        assert fid.frechet_distance(m1, s1, m2, s2) == pytest.approx(ttur, rel=1e-8)
+
+
+def test_inception_score_on_constructed_logits():
+    K = 10
+    onehot = np.full((5000, 1008), -1e4)
+    onehot[np.arange(5000), np.arange(5000) % K] = 0  # confident and balanced over K classes: IS = K
+    assert fid.inception_score(onehot) == pytest.approx(K, rel=1e-9)
+    assert fid.inception_score(np.tile(np.random.default_rng(0).standard_normal(1008), (100, 1))) == pytest.approx(1)
+    logits = np.random.default_rng(1).standard_normal((700, 1008)) * 3
+    expected = []
+    for part in (logits[:300], logits[300:600], logits[600:]):  # consecutive splits, the last one short
+        p = np.exp(part) / np.exp(part).sum(1, keepdims=True)
+        expected.append(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0))), 1))))
+    assert fid.inception_score(logits, split_size=300) == pytest.approx(np.mean(expected), rel=1e-10)
+
+
+def brute_force_precision_recall(ref, samples, k=3):
+    def radii(x):
+        return [sorted(((x[i] - x[j]) ** 2).sum() for j in range(len(x)) if j != i)[k - 1] for i in range(len(x))]
+
+    def cover(points, centres, r):
+        return np.mean([any(((p - c) ** 2).sum() <= rc for c, rc in zip(centres, r)) for p in points])
+
+    return cover(samples, ref, radii(ref)), cover(ref, samples, radii(samples))
+
+
+def test_precision_recall_identical_far_apart_and_brute_force():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((60, 5))
+    assert fid.precision_recall(ref, ref) == (1.0, 1.0)
+    assert fid.precision_recall(ref, ref + 100) == (0.0, 0.0)
+    samples = rng.standard_normal((45, 5)) * 1.3 + 0.4
+    expected = brute_force_precision_recall(ref, samples)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    assert fid.precision_recall(ref, samples) == pytest.approx(expected, abs=1e-12)
+    r, s = torch.tensor(ref, dtype=torch.float32), torch.tensor(samples, dtype=torch.float32)
+    blocked = fid.coverage(s, r, fid.manifold_radii(r, block=7), block=4)  # blocks of rows give the same
+    assert blocked == pytest.approx(expected[0], abs=1e-12)
+
+
+#################################################################################
+#                                   Files in                                    #
+#################################################################################
+
+def test_bad_npz_files_say_what_is_wrong(tmp_path):
+    good = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    cases = {"key": ({"images": good}, "no 'arr_0' array"),
+             "dtype": ({"arr_0": good / 127.5 - 1}, "must be uint8 in \\[0, 255\\], got float64"),
+             "channels_first": ({"arr_0": good.transpose(0, 3, 1, 2)}, "must be N x H x W x 3"),
+             "gray": ({"arr_0": good[..., 0]}, "must be N x H x W x 3")}
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(ValueError, match=message):
+            list(fid.npz_batches(str(tmp_path / f"{name}.npz"), 2))
+    np.savez(tmp_path / "good.npz", arr_0=good)
+    batches = list(fid.npz_batches(str(tmp_path / "good.npz"), 2))
+    assert [len(b) for b in batches] == [2, 1] and np.array_equal(np.concatenate(batches), good)
+
+
+def test_evaluate_end_to_end_and_reference_statistics(tmp_path):
+    net = fid.load_inception("random")
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    other = np.clip(ref.astype(int) // 2 + 100, 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    np.savez(tmp_path / "other.npz", arr_0=other)
+    same = fid.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"), net, batch_size=4)
+    assert abs(same["fid"]) < 1e-6 * 2048 and abs(same["sfid"]) < 1e-6 * 2023
+    assert same["precision"] == same["recall"] == 1.0
+    diff = fid.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "other.npz"), net, batch_size=4)
+    assert diff["fid"] > 1 and diff["sfid"] > 1
+    # With mu, sigma, mu_s, sigma_s in the reference (ADM's batches), those statistics are used.
+    acts = fid.features(net, [other])
+    (mu, sigma), (mu_s, sigma_s) = fid.statistics(acts["pool"]), fid.statistics(acts["spatial"])
+    np.savez(tmp_path / "stats.npz", arr_0=ref, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    stats = fid.evaluate(str(tmp_path / "stats.npz"), str(tmp_path / "other.npz"), net, batch_size=4)
+    assert abs(stats["fid"]) < 1e-6 * 2048 and abs(stats["sfid"]) < 1e-6 * 2023
+    assert stats["precision"] == diff["precision"]
+
+
+def test_fid_cli_on_a_toy_reference_batch(tmp_path):
+    torch.save(fid.load_inception("random").state_dict(), tmp_path / "inception.pth")
+    fid.main(["--make-ref", "shapes", "--image-size", "16", "--num", "8", str(tmp_path / "ref.npz")])
+    with np.load(tmp_path / "ref.npz") as f:
+        assert f["arr_0"].shape == (8, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+    out = subprocess.run([sys.executable, "fid.py", str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"),
+                          f"--inception={tmp_path / 'inception.pth'}", f"--json={tmp_path / 'm.json'}"],
+                         cwd=HERE, capture_output=True, text=True, check=True).stdout
+    assert "FID: " in out and "Precision: 1.0" in out and os.path.exists(tmp_path / "m.json")
+
+
+#################################################################################
+#                                   Samplers                                    #
+#################################################################################
+
+class GaussianVelocity(nn.Module):
+    """The exact velocity of SiT's interpolant for data x1 ~ N(m, s^2) per coordinate: with x_t = t x1 +
+    (1 - t) eps, var_t = t^2 s^2 + (1 - t)^2 and v = m + (t s^2 - (1 - t)) / var_t * (x - t m)."""
+
+    def __init__(self, m=2.0, s=0.5):
+        super().__init__()
+        self.m, self.s = m, s
+        self.config = type("Config", (), {"num_classes": 10})
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append((x.clone(), t[0].item(), len(x)))
+        t = t.view(-1, 1, 1, 1).double()
+        var = t ** 2 * self.s ** 2 + (1 - t) ** 2
+        return (self.m + (t * self.s ** 2 - (1 - t)) / var * (x - t * self.m)).to(x.dtype)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, legacy_channels=False):
+        return self(x, t, y)
+
+
+def test_ode_samplers_reach_the_analytic_map_at_orders_1_and_2():
+    model = GaussianVelocity()
+    z = torch.randn(64, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(64, dtype=torch.long)
+    exact = model.m + model.s * z  # the ODE's flow map for Gaussian data is affine
+    for heun, order in ((False, 1), (True, 2)):
+        errors = [(sample_ode(model, z, y, n, heun=heun) - exact).abs().max().item() for n in (20, 40, 80)]
+        rates = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+        assert errors[-1] < 0.03 and np.allclose(rates, order, atol=0.15), (heun, errors, rates)
+
+
+def test_sde_sampler_matches_the_data_distribution_and_ends_without_noise():
+    model = GaussianVelocity()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20_000, 1, 1, 1, dtype=torch.float64, generator=g)
+    x = sample_sde(model, z, torch.zeros(20_000, dtype=torch.long), num_steps=250, generator=g)
+    assert x.mean().item() == pytest.approx(model.m, abs=0.02) and x.std().item() == pytest.approx(model.s, abs=0.02)
+    assert len(model.calls) == 250  # one velocity call per step
+    x_last, t_last, _ = model.calls[-1]
+    assert t_last == pytest.approx(1 - LAST_STEP)
+    v = model(x_last, torch.full((len(x_last),), t_last, dtype=torch.float64), None)
+    torch.testing.assert_close(x, x_last + LAST_STEP * (v + t_last * v - x_last))  # the drift alone: no noise
+
+
+def test_guidance_interval_runs_the_doubled_batch_only_inside_it():
+    model = GaussianVelocity()
+    z, y = torch.randn(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    sample_ode(model, z, y, 10, cfg_scale=2.0, heun=False, interval=(0.5, 1.0))
+    assert [(t, n) for _, t, n in model.calls] == [(pytest.approx(i / 10), 4 if i < 5 else 8) for i in range(10)]
+
+
+#################################################################################
+#                                  sample.py                                    #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A train.py-format checkpoint of a tiny pixel-space DAR model (16px RGB, 10 classes)."""
+    torch.manual_seed(0)
+    model = SiT(input_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                learn_sigma=False, routing="dynamic", chunk=2)
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    state = model.state_dict()
+    save_checkpoint({"config": model_config(model), "model": state, "ema": state, "step": 0}, path)
+    return path
+
+
+def sample(*args, torchrun=False, wait=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    proc = subprocess.Popen([*launcher, "sample.py", *args], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out = proc.communicate()[0]
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_fid_samples_are_exact_in_number_unique_and_the_same_on_two_processes_and_after_a_kill(tiny_checkpoint, tmp_path):
+    common = [f"--ckpt={tiny_checkpoint}", "--num-fid-samples=11", "--batch-size=2", "--sampler=sde", "--num-steps=150"]
+    sample(*common, f"--out={tmp_path / 'one.npz'}")
+    with np.load(tmp_path / "one.npz") as f:
+        one = f["arr_0"]
+    assert one.shape == (11, 16, 16, 3) and one.dtype == np.uint8 and len(np.unique(one, axis=0)) == 11
+    sample(*common, f"--out={tmp_path / 'two.npz'}", torchrun=True)
+    with np.load(tmp_path / "two.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], one)  # rank-disjoint batches, each a function of the seed
+    proc = sample(*common, f"--out={tmp_path / 'killed.npz'}", wait=False)
+    parts = tmp_path / "killed.parts"
+    while proc.poll() is None and not (parts.exists() and len([p for p in os.listdir(parts) if p.endswith(".npy")]) >= 2):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed.npz").exists(), "finished before it could be killed: nothing was resumed"
+    sample(*common, f"--out={tmp_path / 'killed.npz'}")
+    with np.load(tmp_path / "killed.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], one)
+    proc = sample(*common[:-1], "--num-steps=20", f"--out={tmp_path / 'killed.npz'}", wait=False)
+    assert proc.wait() != 0 and "other settings (num_steps: 150 -> 20)" in proc.stdout.read()
+
+
+def test_grid_mode_and_released_sit_checkpoints(tiny_checkpoint, tmp_path):
+    sample(f"--ckpt={tiny_checkpoint}", "--classes", "3", "7", "--per-class=4", "--num-steps=3", "--cfg-scale=4",
+           f"--out={tmp_path / 'grid.png'}")
+    from PIL import Image
+    assert Image.open(tmp_path / "grid.png").size == (4 * 16, 2 * 16)
+    # A released SiT checkpoint is a bare state dict: the architecture is read off its shapes.
+    sit = SiT(patch_size=8, depth=12, hidden_size=384, num_heads=6)  # SiT-S/8, 256px latents
+    torch.save(sit.state_dict(), tmp_path / "SiT-S-8.pt")
+    loaded = load_model(str(tmp_path / "SiT-S-8.pt"))
+    assert model_config(loaded) == model_config(sit)
