@@ -273,12 +273,14 @@ def test_prepared_directory_has_every_readable_image_with_its_label(imagenet, pr
     assert y.tolist() == [1]
 
 
-def test_train_py_trains_on_the_prepared_directory(prepared, tmp_path):
+def test_train_py_trains_on_the_prepared_directory_and_decodes_its_grids(prepared, tmp_path):
     train_main(train_args([f"--data-path={prepared}", "--image-size=64", "--model=SiT-S/2", "--depth=2",
                            "--hidden-size=32", "--num-heads=2", "--precision=fp32", "--global-batch-size=4",
-                           "--max-steps=2", "--eval-every=0", "--sample-every=0", "--eval-samples=3",
-                           f"--results-dir={tmp_path / 'run'}"]))
+                           "--max-steps=2", "--eval-every=0", "--sample-every=2", "--sample-steps=1",
+                           "--eval-samples=3", f"--results-dir={tmp_path / 'run'}"]))
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    grid = Image.open(tmp_path / "run" / "samples" / "0000002.png")  # through the manifest's VAE
+    assert grid.size == (8 * 64, 3 * 64)  # 8 per class, 3 classes, 64px decoded images
 
 
 def test_a_killed_run_resumes_to_identical_bytes_and_torchrun_writes_the_same(imagenet, prepared, tmp_path):
