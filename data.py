@@ -32,13 +32,13 @@ def _polygon(kind, cx, cy, r, angle):
     elif kind == "triangle":
         pts = [(math.cos(a), math.sin(a)) for a in (math.pi / 2, math.pi / 2 + 2.094, math.pi / 2 + 4.189)]
     elif kind == "cross":
-        a, b = 1.0, 0.33
+        a, b = 1.0, 0.4
         pts = [(b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b), (-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b)]
     elif kind == "star":
-        pts = [((1.0 if k % 2 == 0 else 0.42) * math.cos(math.pi / 2 + k * math.pi / 5),
-                (1.0 if k % 2 == 0 else 0.42) * math.sin(math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+        pts = [((1.0 if k % 2 == 0 else 0.5) * math.cos(math.pi / 2 + k * math.pi / 5),
+                (1.0 if k % 2 == 0 else 0.5) * math.sin(math.pi / 2 + k * math.pi / 5)) for k in range(10)]
     else:  # bar
-        pts = [(1, 0.22), (-1, 0.22), (-1, -0.22), (1, -0.22)]
+        pts = [(1, 0.32), (-1, 0.32), (-1, -0.32), (1, -0.32)]
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
@@ -51,7 +51,7 @@ def render_shape(label, rng, size=32):
     fg = (bg + rng.integers(96, 161, 3)) % 256  # at least 96 away from the background in every channel
     img = Image.new("RGB", (S, S), tuple(int(c) for c in bg))
     draw = ImageDraw.Draw(img)
-    r = S * rng.uniform(0.25, 0.4)
+    r = S * rng.uniform(0.3, 0.45)
     cx, cy = rng.uniform(r, S - r, 2)
     angle = rng.uniform(0, 2 * math.pi)
     fill = tuple(int(c) for c in fg)
@@ -60,15 +60,15 @@ def render_shape(label, rng, size=32):
     if kind == "circle":
         draw.ellipse(box, fill=fill)
     elif kind == "ring":
-        draw.ellipse(box, outline=fill, width=max(2, int(r * 0.35)))
+        draw.ellipse(box, outline=fill, width=max(2, int(r * 0.4)))
     elif kind == "crescent":
         draw.ellipse(box, fill=fill)
-        dx, dy = 0.45 * r * math.cos(angle), 0.45 * r * math.sin(angle)
+        dx, dy = 0.6 * r * math.cos(angle), 0.6 * r * math.sin(angle)
         draw.ellipse((box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy), fill=tuple(int(c) for c in bg))
     elif kind == "two dots":
         for sign in (-1, 1):
             x, y = cx + sign * 0.55 * r * math.cos(angle), cy + sign * 0.55 * r * math.sin(angle)
-            draw.ellipse((x - 0.4 * r, y - 0.4 * r, x + 0.4 * r, y + 0.4 * r), fill=fill)
+            draw.ellipse((x - 0.45 * r, y - 0.45 * r, x + 0.45 * r, y + 0.45 * r), fill=fill)
     elif kind == "half disk":
         start = math.degrees(angle)
         draw.pieslice(box, start, start + 180, fill=fill)

@@ -117,8 +117,11 @@ def decode(x, vae=None):
     return to_uint8(x if vae is None else vae.decode(x / LATENT_SCALE))
 
 
-def save_grid(images, path, nrow):
-    """Write uint8 images (B, H, W, 3) as one PNG, nrow images per row."""
+def save_grid(images, path, nrow, min_size=64):
+    """Write uint8 images (B, H, W, 3) as one PNG, nrow images per row, small ones enlarged (nearest
+    neighbour) to at least min_size pixels so that toy samples can be seen."""
+    zoom = max(1, -(-min_size // images.shape[1]))
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     B, H, W, C = images.shape
     rows = -(-B // nrow)
     grid = np.zeros((rows * H, nrow * W, C), dtype=np.uint8)

@@ -1,6 +1,5 @@
 """Tests of diagnose.py on tiny checkpoints trained for a few steps on the toy data (CPU)."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -295,7 +295,7 @@ def test_grid_mode_and_released_sit_checkpoints(tiny_checkpoint, tmp_path):
     sample(f"--ckpt={tiny_checkpoint}", "--classes", "3", "7", "--per-class=4", "--num-steps=3", "--cfg-scale=4",
            f"--out={tmp_path / 'grid.png'}")
     from PIL import Image
-    assert Image.open(tmp_path / "grid.png").size == (4 * 16, 2 * 16)
+    assert Image.open(tmp_path / "grid.png").size == (4 * 64, 2 * 64)  # 16px samples shown at 64px
     # A released SiT checkpoint is a bare state dict: the architecture is read off its shapes.
     sit = SiT(patch_size=8, depth=12, hidden_size=384, num_heads=6)  # SiT-S/8, 256px latents
     torch.save(sit.state_dict(), tmp_path / "SiT-S-8.pt")
