@@ -1,7 +1,7 @@
 """
 Train SiT with residual routing or Diffusion-Adaptive Routing, on prepared ImageNet latents or the toy shapes.
 
-    python train.py --data=shapes --model=SiT-S/4 --depth=4 --hidden-size=128 --num-heads=4 ...   # CPU, README
+    python train.py --data=shapes --model=SiT-S/2 --depth=4 --hidden-size=64 --num-heads=4 ...    # CPU, README
     torchrun --nproc_per_node=8 train.py --data-path=data/in256 --routing=dynamic --chunk=4          # one node
     torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE --master_addr=$HOST --master_port=29500 train.py ...
     torchrun --nproc_per_node=8 train.py --data-path=data/in256 --repa --repa-encoder=dinov2_vitb14_pretrain.pth
