@@ -277,13 +277,9 @@ def heat_maps(panels, title, path):
         signed = values.min() < 0
         scale = np.abs(values).max() or 1.0
 
-        def colour(v):
-            a = abs(v) / scale
-            if not signed or v >= 0:
-                base = (214, 39, 40) if signed else (31, 119, 180)
-            else:
-                base = (31, 119, 180)
-            return tuple(int(255 + (c - 255) * a) for c in base)
+        def colour(v):  # white at 0, towards red (positive, signed maps) or blue at the largest |value|
+            base = (214, 39, 40) if signed and v >= 0 else (31, 119, 180)
+            return tuple(int(255 + (c - 255) * abs(v) / scale) for c in base)
 
         ox = x0 + left
         d.text((ox + cell_w * len(ts) / 2, 24), subtitle, fill="black", font=FONT, anchor="mt")

@@ -153,7 +153,6 @@ def encode_shard(args, vae, device, files, tmp):
                 np.concatenate(images) if images else np.zeros((0, args.image_size, args.image_size, 3), np.uint8))
     with open(os.path.join(tmp, "skipped.json"), "w") as f:
         json.dump(skipped, f)
-    return len(labels)
 
 
 def load_plan(args, rank, world):
