@@ -1,11 +1,12 @@
 """
 The datasets: the built-in toy data ("shapes", pixel space) and ImageNet latents as prepare_imagenet.py
-writes them. One file, so that training, sampling, FID and diagnostics read the same data and the latent
-directory format is defined exactly once.
+writes them, plus Gaussian stand-ins of the latents' shape for benchmarks. One file, so that training,
+sampling, FID and diagnostics read the same data and the latent directory format is defined exactly once.
 
-Both expose the same interface: `train` and `eval` index ranges (the eval split is held out of training),
-`num_classes`, `channels`/`size` of the model's input, and `batch(indices, g)` returning the model input
-x1 (B, C, H, W) in the model's scale, labels y (B,) and, when asked, the uint8 images REPA encodes.
+All expose the same interface: `train` and `eval` index ranges (the eval split is held out of training),
+`num_classes`, `channels`/`size` of the model's input, and `batch(indices, flip, noise, images)` returning
+the model input x1 (B, C, H, W) in the model's scale, labels y (B,) and, when asked, the uint8 images REPA
+encodes.
 The scripts that split data across processes (training, preparation, sampling) start them here too.
 """
 import json
@@ -183,11 +184,33 @@ class Latents:
         return x, y, pixels
 
 
+class RandomLatents:
+    """Gaussian stand-ins with ImageNet's latent shape and 1000 classes, for timing without a dataset
+    (`train.py --bench`); random uint8 images when REPA asks for them. Nothing here is worth learning."""
+
+    num_classes, channels = 1000, 4
+
+    def __init__(self, image_size=256, count=100_000, num_eval=1_000):
+        self.size = image_size // 8
+        self.train, self.eval = range(count), range(count, count + num_eval)
+
+    def batch(self, indices, flip=None, noise=None, images=False):
+        """x1: the given noise (B, 4, size, size), y: the indices mod 1000, and random images when asked."""
+        y = torch.as_tensor(np.asarray(indices) % self.num_classes)
+        pixels = None
+        if images:
+            pixels = torch.randint(0, 256, (len(y), 8 * self.size, 8 * self.size, 3), dtype=torch.uint8,
+                                   device=noise.device)
+        return noise, y, pixels
+
+
 def load_data(name_or_path, image_size=None, seed=0, num_eval=1_000):
-    """'shapes' (toy, pixel space, image_size 32 by default) or the path of a prepared latent directory, with
-    num_eval images held out of training."""
+    """'shapes' (toy, pixel space, image_size 32 by default), 'random' (RandomLatents, image_size 256 by
+    default) or the path of a prepared latent directory, with num_eval images held out of training."""
     if name_or_path == "shapes":
         return Shapes(size=image_size or 32, seed=seed, num_eval=num_eval)
+    if name_or_path == "random":
+        return RandomLatents(image_size or 256, num_eval=num_eval)
     data = Latents(name_or_path, num_eval=num_eval, seed=seed)
     expected = data.manifest["image_size"]
     if image_size not in (None, expected):

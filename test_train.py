@@ -92,6 +92,9 @@ def test_bad_flags_say_what_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--data=shapes", "--data-path=x"])
     assert "exactly one of --data-path" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(TINY)  # no data: only --bench may go without
+    assert "exactly one of --data-path" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="prepare_imagenet.py"):
         train(tmp_path, data=f"--data-path={tmp_path / 'missing'}")
     with pytest.raises(SystemExit, match="must divide"):
@@ -239,3 +242,13 @@ def test_bench_prints_a_table(tmp_path, capsys):
     main(parse_args(["--data=shapes", *TINY, "--global-batch-size=4", "--bench", f"--results-dir={tmp_path}"]))
     out = capsys.readouterr().out
     assert "| step s | images/s |" in out and "| CPU | SiT-S/4 |" in out
+
+
+def test_bench_without_data_times_random_latents_of_imagenet_shape(tmp_path, capsys, monkeypatch):
+    shapes = []
+    forward = SiT.forward
+    monkeypatch.setattr(SiT, "forward", lambda self, x, t, y, *a, **k: shapes.append((x.shape, int(y.max())))
+                        or forward(self, x, t, y, *a, **k))
+    main(parse_args([*TINY, "--global-batch-size=4", "--bench", "--image-size=64", f"--results-dir={tmp_path}"]))
+    assert "| CPU | SiT-S/4 |" in capsys.readouterr().out
+    assert shapes and all(s == (4, 4, 8, 8) and y <= 1000 for s, y in shapes)  # 1000: the null class

@@ -91,10 +91,11 @@ def parse_args(argv=None):
     a.add_argument("--sample-cfg", type=float, default=4.0, help="guidance scale of the sample grids")
     a.add_argument("--vae", help="SD-VAE that decodes the grids of latent models (default: the dataset's)")
     a.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
-    a.add_argument("--bench", action="store_true", help="time training steps on random data and exit")
+    a.add_argument("--bench", action="store_true", help="time training steps and exit; without --data-path "
+                   "or --data, on random latents of ImageNet's shape")
     args = p.parse_args(argv)
 
-    if (args.data is None) == (args.data_path is None):
+    if args.data and args.data_path or not (args.data or args.data_path or args.bench):
         p.error("give exactly one of --data-path DIR (prepared latents) and --data=shapes (the toy data)")
     if args.resume and args.init_from:
         p.error("--resume continues a run, --init-from starts a new one from weights: give one")
@@ -211,7 +212,7 @@ def main(args):
     accum = per_rank // micro
 
     # 2. Data, model, EMA, REPA, optimiser.
-    data = load_data("shapes" if args.data else args.data_path, args.image_size, args.seed, args.eval_samples)
+    data = load_data(args.data or args.data_path or "random", args.image_size, args.seed, args.eval_samples)
     vae = None  # decodes the sample grids of latent models
     if isinstance(data, Latents) and master and args.sample_every:
         vae = load_vae(args.vae or data.manifest["vae"]).to(device)
