@@ -4,6 +4,9 @@ On a GPU every case runs at full size; on a CPU the kernels run in Triton's inte
 TRITON_INTERPRET=1), one program at a time, so the shapes are small and the case list is a covering subset.
 """
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,7 +202,7 @@ def test_model_on_kernel_under_bf16_autocast_matches_reference():
 # driver reports that target; it leans on Triton internals, so a Triton whose internals moved skips the test
 # (exit code 3) rather than failing, while a kernel that does not compile fails it.
 COMPILE_FOR_SM90 = """
-import os, sys
+import sys
 try:
     import torch
     from triton.backends.compiler import GPUTarget
@@ -237,10 +240,6 @@ for D, N, q_mode, mod, dtype in [(1152, 57, 2, True, torch.bfloat16), (1152, 57,
 
 @pytest.mark.skipif(GPU, reason="a GPU compiles and runs the kernels in the tests above")
 def test_kernels_compile_for_hopper():
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
     run = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
