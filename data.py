@@ -45,15 +45,21 @@ def _polygon(kind, cx, cy, r, angle):
 
 
 def render_shape(label, rng, size=32):
-    """One (size, size, 3) uint8 image of shape class `label`: random position, size, rotation and colours.
-    Drawn at 4x and box-filtered down, so edges are anti-aliased."""
+    """One (size, size, 3) uint8 image of shape class `label`: a light shape of a random colour on a dark
+    background of a random colour, with random rotation, size (radius 36-42% of the side) and position (the
+    centre within 6% of the side from the middle). Drawn at 4x and box-filtered down, so edges are anti-aliased.
+
+    The figure is always lighter than the ground and always near the middle because that is what lets a small
+    model learn the classes in the README's five CPU minutes: with colours of either contrast and shapes
+    anywhere in the frame (radius 30-45%), a shape classifier recognised 34% of the quick start's samples; a
+    light-on-dark figure alone gave 67%, both together 95%."""
     S = 4 * size
-    bg = rng.integers(0, 256, 3)
-    fg = (bg + rng.integers(96, 161, 3)) % 256  # at least 96 away from the background in every channel
+    bg = rng.integers(0, 96, 3)  # dark: every channel below 96
+    fg = rng.integers(160, 256, 3)  # light: every channel at least 160
     img = Image.new("RGB", (S, S), tuple(int(c) for c in bg))
     draw = ImageDraw.Draw(img)
-    r = S * rng.uniform(0.3, 0.45)
-    cx, cy = rng.uniform(r, S - r, 2)
+    r = S * rng.uniform(0.36, 0.42)
+    cx, cy = S / 2 + S * rng.uniform(-0.06, 0.06, 2)
     angle = rng.uniform(0, 2 * math.pi)
     fill = tuple(int(c) for c in fg)
     kind = SHAPES[label]

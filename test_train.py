@@ -238,6 +238,19 @@ def test_shapes_are_deterministic_and_the_splits_disjoint():
     assert set(Shapes().images(range(200))[1]) == set(range(10))
 
 
+def test_shapes_are_light_figures_on_dark_ground_near_the_middle():
+    images, _ = Shapes().images(range(100))
+    corners = images[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (n, 4 corners, 3)
+    assert (corners < 96).all(), "the background is dark in every channel"
+    light = (images >= 160).all(-1)  # pixels of the pure foreground colour
+    assert light.any((1, 2)).all(), "every image has a light figure"
+    ys, xs = np.mgrid[:32, :32]
+    offsets = np.array([max(abs(ys[m].mean() - 15.5), abs(xs[m].mean() - 15.5)) for m in light])
+    # A half disk's or crescent's centroid lies off its centre; shapes placed anywhere in the frame (the
+    # earlier data) average about 3 pixels off the middle.
+    assert offsets.max() < 9 and offsets.mean() < 2.5, (offsets.max(), offsets.mean())
+
+
 def test_bench_prints_a_table(tmp_path, capsys):
     main(parse_args(["--data=shapes", *TINY, "--global-batch-size=4", "--bench", f"--results-dir={tmp_path}"]))
     out = capsys.readouterr().out
