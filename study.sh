@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The small-scale study in the README: residual routing and DAR (static, explicit, dynamic; chunk 4 and dense)
-# trained on the toy shapes with one budget, one seed and one recipe, on the CPU (about 20 minutes on 2 cores),
+# trained on the toy shapes with one budget, one seed and one recipe, on the CPU (about 27 minutes on 2 cores),
 # then the held-out velocity losses as a table and the diagnostics of residual vs DAR.
 #
 #     bash study.sh [OUT_DIR]        (default results/study; finished runs are kept, so it can be re-run)
