@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import SHAPES, Shapes
-from model import load_model
+from model import load_checkpoint, load_model, save_checkpoint
 from sample import sample_ode
 
 
@@ -63,8 +63,7 @@ def train_classifier(size, path, num_train=30_000, num_eval=2_000, epochs=4, bat
         held_out = class_accuracy(net, x[num_train:], y[num_train:])[0]
         print(f"classifier epoch {epoch + 1}/{epochs}: held-out accuracy {held_out:.4f}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"size": size, "held_out_accuracy": held_out, "state": net.state_dict()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_checkpoint({"size": size, "held_out_accuracy": held_out, "state": net.state_dict()}, path)
     return net
 
 
@@ -73,7 +72,7 @@ def load_classifier(size, path):
     if not os.path.exists(path):
         print(f"no classifier at {path}: training one on {size}px shapes")
         return train_classifier(size, path)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_checkpoint(path)
     if saved["size"] != size:
         raise SystemExit(f"{path} classifies {saved['size']}px shapes, the samples are {size}px: give another "
                          f"--classifier path (a missing one is trained)")
