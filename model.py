@@ -279,7 +279,9 @@ class SiT(nn.Module):
     def forward_dar(self, v0, c, e, extras, need_z=False, need_alpha=False):
         """The blocks and the final LayerNorm + modulate under DAR; returns the final linear's output."""
         device = v0.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # (Not torch.amp.is_autocast_available: torch.compile of torch 2.11 cannot trace it. Meta tensors, which
+        # forward_flops counts on, have no autocast state.)
+        if device != "meta" and torch.is_autocast_enabled(device):
             v0 = v0.to(torch.get_autocast_dtype(device))  # one dtype for all sources, as the kernel reads them
         L = 2 * self.config.depth
         vs = {0: v0.contiguous()}  # the live sources v_i
