@@ -46,7 +46,8 @@ def interpreter_problem():
         if "0-dimensional" not in repr(e):  # any other failure is a real one: let it fail the collection
             raise
         return (f"Triton {triton.__version__}'s interpreter cannot run a loop with runtime bounds under NumPy "
-                f"{np.__version__} ({e!r}): pip install -U triton (3.9 works) to run the kernels on the CPU")
+                f"{np.__version__} ({e!r}); to run the kernels on the CPU: pip install -U triton (3.9 works), or "
+                "pip install 'numpy<2.4'")
     return None
 
 
