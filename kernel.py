@@ -12,9 +12,14 @@ activation memory grows with N (N = 57 for dense routing at SiT-XL/2). Here:
   running weighted sum), all in fp32 registers, and writes x (and h when asked). Nothing else is stored;
 - backward: pass 1 streams the sources again to recover m, Z and h; pass 2 streams them once more to
   recompute each key and weight and emit dv_i; dq, dgamma, dscale and dshift are summed per program in fp32
-  registers and the per-program partials are summed on the host (deterministic: no atomics).
-Sources stay separate tensors (a tuple argument, padded to a power of two), never stacked: stacking per layer
-would make memory quadratic in depth.
+  registers and the per-program partials are summed afterwards in PyTorch (deterministic: no atomics).
+Sources stay separate tensors, never stacked (stacking per layer would make memory quadratic in depth): the
+kernels read a small int64 table of their addresses and loop over it at run time, U sources per step, so U
+rows of loads are in flight at once (U is autotuned with the number of warps). One compiled kernel serves
+every N. The loop used to be unrolled over the sources (a tuple argument; this file up to commit 2420d4e):
+that compiled one kernel per power of two of N, about 27 s per autotune config at N = 57 for sm_90, and its
+backward spilled registers there. This loop compiles in under a second per config and, on Triton 3.9,
+spills nothing at d = 1152.
 
     python kernel.py    benchmarks naive vs fused at the SiT-XL/2 working point (needs a CUDA GPU)
 
@@ -31,11 +36,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = tl.constexpr(1e-6)  # of the keys' RMSNorm and the output LayerNorm, as in dar.mix and SiT
 
 
+# U: sources loaded per loop step (more bytes in flight per program, more registers), autotuned with the warps.
+CONFIGS = [triton.Config({"U": u}, num_warps=w) for u in (1, 2, 4) for w in (4, 8, 16)]
+
+
 def _configs():
-    # Several configs make the autotuner benchmark on a GPU; the interpreter has no GPU to benchmark on.
+    # Several configs make the autotuner benchmark on a GPU; the interpreter has no GPU to benchmark on, and
+    # U = 4 gives its tests partly padded steps for every N in them but 8.
     if INTERPRET or not torch.cuda.is_available():
-        return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+        return [triton.Config({"U": 4}, num_warps=4)]
+    return CONFIGS
 
 
 #################################################################################
@@ -55,27 +65,43 @@ def _query(Q, GAMMA, row, T, offs, mask, D: tl.constexpr, Q_MODE: tl.constexpr):
 
 
 @triton.jit
-def _logit(v, qw, D: tl.constexpr, SM_SCALE: tl.constexpr):
-    """s = q . (v * rstd * gamma) / sqrt(d) and rstd = 1 / RMS(v), both fp32 scalars."""
-    rstd = tl.rsqrt(tl.sum(v * v, axis=0) / D + EPS)
-    return tl.sum(v * qw, axis=0) * rstd * SM_SCALE, rstd
+def _tile(SRC, i, N, U: tl.constexpr, TYPE: tl.constexpr):
+    """Pointers to sources i .. i + U - 1 (a [U] vector, read from the pointer table SRC) and which are real.
+    The launchers align every source to 16 bytes; saying so lets the compiler emit 16-byte vector loads and
+    stores, which it cannot prove for an address read from memory (it would load one element at a time)."""
+    us = i + tl.arange(0, U)
+    valid = us < N
+    ptrs = tl.load(SRC + us, mask=valid, other=0).to(tl.pointer_type(TYPE))
+    return tl.multiple_of(ptrs, 16), valid
 
 
 @triton.jit
-def _softmax_mix(SRC, N, base, offs, mask, qw, NMAX: tl.constexpr, D: tl.constexpr, SM_SCALE: tl.constexpr):
-    """One pass over a row's sources with an online softmax; returns (m, Z, h) with h = sum_i p_i v_i."""
+def _logits(v, qw, D: tl.constexpr, SM_SCALE: tl.constexpr):
+    """For a [U, BD] tile of sources: s = q . (v * rstd * gamma) / sqrt(d) and rstd = 1 / RMS(v), both [U]
+    fp32."""
+    rstd = tl.rsqrt(tl.sum(v * v, axis=1) / D + EPS)
+    return tl.sum(v * qw[None, :], axis=1) * rstd * SM_SCALE, rstd
+
+
+@triton.jit
+def _softmax_mix(SRC, N, base, offs, mask, qw, D: tl.constexpr, U: tl.constexpr, SM_SCALE: tl.constexpr,
+                 TYPE: tl.constexpr):
+    """One pass over a row's sources, U at a time, with an online softmax; returns (m, Z, h) with
+    h = sum_i p_i v_i."""
     m = tl.full([], float("-inf"), tl.float32)  # running max of the logits
     z = tl.zeros([], tl.float32)  # running sum of exp(s_i - m)
     acc = tl.zeros_like(qw)  # running sum of exp(s_i - m) v_i
-    for i in tl.static_range(NMAX):
-        if i < N:
-            v = tl.load(SRC[i] + base + offs, mask=mask, other=0.0).to(tl.float32)
-            s, _ = _logit(v, qw, D, SM_SCALE)
-            m_new = tl.maximum(m, s)
-            r, p = tl.exp(m - m_new), tl.exp(s - m_new)
-            z = z * r + p
-            acc = acc * r + p * v
-            m = m_new
+    for i in range(0, N, U):
+        ptrs, valid = _tile(SRC, i, N, U, TYPE)
+        v = tl.load(ptrs[:, None] + base + offs[None, :], mask=valid[:, None] & mask[None, :], other=0.0)
+        v = v.to(tl.float32)
+        s, _ = _logits(v, qw, D, SM_SCALE)
+        s = tl.where(valid, s, float("-inf"))  # padding gets no weight
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        r, p = tl.exp(m - m_new), tl.exp(s - m_new)
+        z = z * r + tl.sum(p, axis=0)
+        acc = acc * r + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
     return m, z, acc / z
 
 
@@ -88,11 +114,12 @@ def _layer_norm(h, mask, D: tl.constexpr):
     return hc * rstd, rstd
 
 
-@triton.autotune(configs=_configs(), key=["D", "NMAX", "Q_MODE", "HAS_MOD", "STORE_H"])
-@triton.jit
+@triton.autotune(configs=_configs(), key=["D", "NB", "Q_MODE", "HAS_MOD", "STORE_H"])
+@triton.jit(do_not_specialize=["N", "NB"])
 def _mix_fwd_kernel(
-    SRC,  # tuple of NMAX pointers to the sources v_i, each (M, D) contiguous; entries past N are padding
-    N,  # number of real sources
+    SRC,  # (N,) int64: the addresses of the sources v_i, each (M, D) contiguous
+    N,  # number of sources
+    NB,  # N rounded up to a power of two: the autotuner picks a config per such class of N
     Q,  # query: (D,), (B, D) or (M, D) by Q_MODE
     GAMMA,  # (D,) RMSNorm gain of the keys
     SHIFT,  # (B, D) adaLN shift (read when HAS_MOD)
@@ -102,18 +129,19 @@ def _mix_fwd_kernel(
     T,  # rows per sample
     D: tl.constexpr,  # width d
     BD: tl.constexpr,  # next power of two >= D
-    NMAX: tl.constexpr,  # padded number of sources
+    TYPE: tl.constexpr,  # the sources' element type
     Q_MODE: tl.constexpr,  # 0 one query, 1 one per sample, 2 one per row
     HAS_MOD: tl.constexpr,  # fuse LayerNorm + adaLN modulate
     STORE_H: tl.constexpr,  # also write h
     SM_SCALE: tl.constexpr,  # 1 / sqrt(D)
+    U: tl.constexpr,  # sources per loop step (autotuned)
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BD)
     mask = offs < D
     base = row * D
     _, qw = _query(Q, GAMMA, row, T, offs, mask, D, Q_MODE)
-    _, _, h = _softmax_mix(SRC, N, base, offs, mask, qw, NMAX, D, SM_SCALE)
+    _, _, h = _softmax_mix(SRC, N, base, offs, mask, qw, D, U, SM_SCALE, TYPE)
     x = h
     if HAS_MOD:
         if STORE_H:
@@ -126,12 +154,12 @@ def _mix_fwd_kernel(
     tl.store(X + base + offs, x.to(X.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["D", "NMAX", "Q_MODE", "HAS_MOD", "HAS_DH"])
-@triton.jit
+@triton.autotune(configs=_configs(), key=["D", "NB", "Q_MODE", "HAS_MOD", "HAS_DH"])
+@triton.jit(do_not_specialize=["N", "NB"])
 def _mix_bwd_kernel(
-    SRC,  # tuple of NMAX source pointers, as in the forward
-    DSRC,  # tuple of NMAX pointers: out, dL/dv_i, each (M, D)
-    N,
+    SRC,  # (N,) int64 source addresses, as in the forward
+    DSRC,  # (N,) int64 addresses of the outputs dL/dv_i, each (M, D) of the sources' type
+    N, NB,  # as in the forward
     Q, GAMMA, SHIFT, SCALE,  # the forward's inputs
     DX,  # (M, D) dL/dx
     DH,  # (M, D) dL/dh from h's own uses (read when HAS_DH)
@@ -140,8 +168,8 @@ def _mix_bwd_kernel(
     T,  # rows per sample
     J,  # programs per sample
     R,  # rows per program
-    D: tl.constexpr, BD: tl.constexpr, NMAX: tl.constexpr, Q_MODE: tl.constexpr,
-    HAS_MOD: tl.constexpr, HAS_DH: tl.constexpr, SM_SCALE: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, TYPE: tl.constexpr, Q_MODE: tl.constexpr,
+    HAS_MOD: tl.constexpr, HAS_DH: tl.constexpr, SM_SCALE: tl.constexpr, U: tl.constexpr,
 ):
     # Program (b, j) owns rows [j R, (j + 1) R) of sample b, so its dshift/dscale partials belong to one sample.
     b, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -158,7 +186,7 @@ def _mix_bwd_kernel(
         base = row * D
         q, qw = _query(Q, GAMMA, row, T, offs, mask, D, Q_MODE)
         # Pass 1: m, Z and h, exactly as the forward computed them.
-        m, z, h = _softmax_mix(SRC, N, base, offs, mask, qw, NMAX, D, SM_SCALE)
+        m, z, h = _softmax_mix(SRC, N, base, offs, mask, qw, D, U, SM_SCALE, TYPE)
         lse = m + tl.log(z)
         # dh from x = LN(h) * (1 + scale) + shift: dxhat = dx (1 + scale), then the LayerNorm backward
         # dh = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
@@ -174,21 +202,24 @@ def _mix_bwd_kernel(
             dh = dx
         if HAS_DH:
             dh += tl.load(DH + base + offs, mask=mask, other=0.0).to(tl.float32)
-        # Pass 2, per source, with p_i = exp(s_i - lse) and delta = sum_i p_i <dh, v_i> = <dh, h>:
+        # Pass 2, U sources at a time, with p_i = exp(s_i - lse) and delta = sum_i p_i <dh, v_i> = <dh, h>:
         #   ds_i = p_i (<dh, v_i> - delta)                                   (softmax backward)
         #   dv_i = p_i dh + ds_i (rstd_i qw / sqrt(d) - s_i rstd_i^2 v_i / d)  (weighted sum + logit through RMSNorm)
         #   dqw += ds_i rstd_i v_i / sqrt(d)                                 (then dq = dqw gamma, dgamma = dqw q)
         delta = tl.sum(dh * h, axis=0)
         dqw = tl.zeros([BD], tl.float32)
-        for i in tl.static_range(NMAX):
-            if i < N:
-                v = tl.load(SRC[i] + base + offs, mask=mask, other=0.0).to(tl.float32)
-                s, rstd = _logit(v, qw, D, SM_SCALE)
-                p = tl.exp(s - lse)
-                ds = p * (tl.sum(dh * v, axis=0) - delta)
-                dv = p * dh + ds * (rstd * SM_SCALE * qw - s * rstd * rstd / D * v)
-                tl.store(DSRC[i] + base + offs, dv.to(DSRC[i].dtype.element_ty), mask=mask)
-                dqw += ds * rstd * SM_SCALE * v
+        for i in range(0, N, U):
+            ptrs, valid = _tile(SRC, i, N, U, TYPE)
+            dptrs, _ = _tile(DSRC, i, N, U, TYPE)
+            tile = valid[:, None] & mask[None, :]
+            v = tl.load(ptrs[:, None] + base + offs[None, :], mask=tile, other=0.0).to(tl.float32)
+            s, rstd = _logits(v, qw, D, SM_SCALE)
+            p = tl.where(valid, tl.exp(s - lse), 0.0)
+            ds = p * (tl.sum(dh[None, :] * v, axis=1) - delta)
+            dv = p[:, None] * dh[None, :] + ds[:, None] * (
+                (rstd * SM_SCALE)[:, None] * qw[None, :] - (s * rstd * rstd / D)[:, None] * v)
+            tl.store(dptrs[:, None] + base + offs[None, :], dv.to(TYPE), mask=tile)
+            dqw += tl.sum((ds * rstd * SM_SCALE)[:, None] * v, axis=0)
         gamma = tl.load(GAMMA + offs, mask=mask, other=0.0).to(tl.float32)
         dgamma += dqw * q
         if Q_MODE == 2:
@@ -207,8 +238,22 @@ def _mix_bwd_kernel(
 #                                   Launchers                                   #
 #################################################################################
 
-def _pad(tensors, n):
-    return tuple(tensors) + (tensors[0],) * (n - len(tensors))
+TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
+
+
+def _aligned(t):
+    """t contiguous and 16-byte aligned (a view can start anywhere), as the kernels' source tables promise."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _table(tensors):
+    """The tensors' addresses as an int64 tensor on their device, the kernels' table of sources. It is built in
+    pinned memory and copied without blocking, so the host never waits for the GPU to drain its queue."""
+    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    if tensors[0].is_cuda:
+        table = table.pin_memory().to(tensors[0].device, non_blocking=True)
+    return table
 
 
 def _check(sources, q, gamma, shift, scale):
@@ -230,28 +275,32 @@ def _check(sources, q, gamma, shift, scale):
         raise ValueError(f"gamma must be ({D},), got {tuple(gamma.shape)}")
     if (shift is None) != (scale is None) or (shift is not None and (shift.shape != (B, D) or scale.shape != (B, D))):
         raise ValueError(f"shift and scale must both be ({B}, {D}) or both None")
+    if v.dtype not in TYPES:
+        raise ValueError(f"sources must be one of {list(TYPES)}, got {v.dtype}")
     if v.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("the fused DAR kernel runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, "
                            "for tests); use kernel='torch' elsewhere")
     return B, T, D, shapes[tuple(q.shape)]
 
 
-def _meta(D, N):
-    return dict(D=D, BD=triton.next_power_of_2(D), NMAX=triton.next_power_of_2(N), SM_SCALE=1.0 / math.sqrt(D))
+def _meta(sources):
+    N, D = len(sources), sources[0].shape[-1]
+    return dict(N=N, NB=triton.next_power_of_2(N), D=D, BD=triton.next_power_of_2(D), TYPE=TYPES[sources[0].dtype],
+                SM_SCALE=1.0 / math.sqrt(D))
 
 
 def mix_forward(sources, q, gamma, shift, scale, need_h):
     """Launch the forward; returns (x, h), h an empty tensor unless need_h and the LayerNorm is fused."""
     B, T, D, q_mode = _check(sources, q, gamma, shift, scale)
-    sources = [s.contiguous() for s in sources]
-    meta = _meta(D, len(sources))
+    sources = [_aligned(s) for s in sources]
+    meta = _meta(sources)
     has_mod, store_h = shift is not None, need_h and shift is not None
     x = torch.empty_like(sources[0])
     h = torch.empty_like(x) if store_h else x.new_empty(0)
     shift, scale = (shift.contiguous(), scale.contiguous()) if has_mod else (x, x)
     _mix_fwd_kernel[(B * T,)](
-        _pad(sources, meta["NMAX"]), len(sources), q.contiguous(), gamma.contiguous(), shift, scale,
-        x, h if store_h else x, T, Q_MODE=q_mode, HAS_MOD=has_mod, STORE_H=store_h, **meta)
+        _table(sources), Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, X=x,
+        H=h if store_h else x, T=T, Q_MODE=q_mode, HAS_MOD=has_mod, STORE_H=store_h, **meta)
     return x, h
 
 
@@ -267,8 +316,8 @@ def mix_backward(sources, q, gamma, shift, scale, dx, dh):
     """Launch the two-pass backward; returns (dsources, dq, dgamma, dshift, dscale), the last two empty
     tensors when the LayerNorm was not fused."""
     B, T, D, q_mode = _check(sources, q, gamma, shift, scale)
-    sources = [s.contiguous() for s in sources]
-    meta = _meta(D, len(sources))
+    sources = [_aligned(s) for s in sources]
+    meta = _meta(sources)
     has_mod = shift is not None
     dsources = [torch.empty_like(s) for s in sources]
     R = _rows_per_program(B, T, dx.device)
@@ -277,9 +326,9 @@ def mix_backward(sources, q, gamma, shift, scale, dx, dh):
     dq_rows = torch.empty_like(q) if q_mode == 2 else part
     x = sources[0]
     _mix_bwd_kernel[(B, J)](
-        _pad(sources, meta["NMAX"]), _pad(dsources, meta["NMAX"]), len(sources), q.contiguous(), gamma.contiguous(),
-        shift.contiguous() if has_mod else x, scale.contiguous() if has_mod else x, dx.contiguous(),
-        dh.contiguous() if dh is not None else x, dq_rows, part, T, J, R,
+        _table(sources), _table(dsources), Q=q.contiguous(), GAMMA=gamma.contiguous(),
+        SHIFT=shift.contiguous() if has_mod else x, SCALE=scale.contiguous() if has_mod else x, DX=dx.contiguous(),
+        DH=dh.contiguous() if dh is not None else x, DQ=dq_rows, PART=part, T=T, J=J, R=R,
         Q_MODE=q_mode, HAS_MOD=has_mod, HAS_DH=dh is not None, **meta)
     dgamma = part[0].sum((0, 1)).to(gamma.dtype)
     dq = {0: lambda: part[1].sum((0, 1)), 1: lambda: part[1].sum(1), 2: lambda: dq_rows}[q_mode]().to(q.dtype)

@@ -1,11 +1,9 @@
 """Parity of the fused DAR kernel (kernel.py) with the reference path (dar.mix).
 
-On a GPU the cases run at full size (B = 4, T = 256); on a CPU the kernels run in Triton's interpreter
-(conftest.py sets TRITON_INTERPRET=1), one program at a time, at B = 2, T = 3. The case list covers every
-(N, d) pair and every combination of query shape, LayerNorm and dtype, not their full product (216 cases):
-each case is a kernel variant that Triton compiles anew, and at N = 57 that takes about 30 s (the loop over
-sources is unrolled), so the full product under autotuning would compile for about an hour. The cases run one
-autotune config; a separate GPU test runs every config at dense SiT-XL/2's widest aggregation.
+The cases are the full product of N, d, query shape, LayerNorm and dtype (216). On a GPU they run at full size
+(B = 4, T = 256), each pinned to one autotune config, taken in turn, and a separate test runs every config at
+dense SiT-XL/2's widest aggregation. On a CPU the kernels run in Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1), one program at a time, at B = 2, T = 3.
 """
 import itertools
 import os
@@ -37,7 +35,7 @@ def _count(X, n):
 def interpreter_problem():
     """Why Triton's interpreter cannot run the kernels here, or None. Triton 3.6's interpreter (3.9's does not)
     turns a runtime loop bound into an int by int() of a one-element array, which NumPy 2.4 rejects, and the
-    backward kernel loops over rows with such bounds."""
+    kernels loop over sources (and the backward over rows) with such bounds."""
     if GPU or not kernel.INTERPRET:
         return None
     try:
@@ -65,11 +63,9 @@ VARIANTS = list(itertools.product(("static", "explicit", "dynamic"), (False, Tru
 
 
 def cases():
-    # Every (N, d) once, cycling through the other axes, and every other-axes combination once.
-    pairs = list(itertools.product(COUNTS, WIDTHS))
-    chosen = [(N, d, *VARIANTS[i % len(VARIANTS)]) for i, (N, d) in enumerate(pairs)] + [(3, 100, *v) for v in VARIANTS]
+    chosen = [(N, d, *v) for N, d, v in itertools.product(COUNTS, WIDTHS, VARIANTS)]
     name = lambda N, d, q, mod, dt: f"N{N}-d{d}-{q}-{'LN' if mod else 'noLN'}-{str(dt).split('.')[-1]}"
-    return [pytest.param(*c, id=name(*c)) for c in chosen]
+    return [pytest.param(*c, i % len(kernel._configs()), id=name(*c)) for i, c in enumerate(chosen)]
 
 
 def rel_rms(got, want):
@@ -105,16 +101,16 @@ def make_inputs(N, d, q_kind, mod, dtype, seed=0):
 
 
 def pin_config(monkeypatch, i):
-    """Launch both kernels with autotune config i alone: a single config is run without benchmarking, so each
-    kernel variant compiles once instead of once per config."""
+    """Launch both kernels with autotune config i alone: a single config is run without benchmarking, which
+    for 216 cases of distinct autotuning keys would take longer than the cases."""
     for k in (kernel._mix_fwd_kernel, kernel._mix_bwd_kernel):
         monkeypatch.setattr(k, "configs", [k.configs[i]])
 
 
 @launches
-@pytest.mark.parametrize("N, d, q_kind, mod, dtype", cases())
-def test_fused_matches_fp64_reference(N, d, q_kind, mod, dtype, poison, monkeypatch):
-    pin_config(monkeypatch, 0)
+@pytest.mark.parametrize("N, d, q_kind, mod, dtype, config", cases())
+def test_fused_matches_fp64_reference(N, d, q_kind, mod, dtype, config, poison, monkeypatch):
+    pin_config(monkeypatch, config)
     check_parity(N, d, q_kind, mod, dtype)
 
 
@@ -162,6 +158,27 @@ def test_backward_is_deterministic():
         x, _, _ = kernel.fused_mix(ts[:5], ts[5], ts[6], ts[7], ts[8])
         runs.append(torch.autograd.grad(x, ts, dx))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@launches
+def test_sources_that_start_anywhere_in_memory():
+    """The kernels promise the compiler 16-byte aligned sources (for vector loads); views that start 4 bytes
+    into a buffer must still give the reference's results (the launchers copy them; on a GPU a broken promise
+    is a misaligned-address error or wrong results)."""
+    srcs, q, gamma, shift, scale, dx, _ = make_inputs(3, 100, "dynamic", True, torch.float32, seed=3)
+    views = []
+    for s in srcs:
+        buf = torch.empty(s.numel() + 1, device=DEVICE)
+        buf[1:] = s.flatten()
+        views.append(buf[1:].view(s.shape).requires_grad_())
+    assert all(v.data_ptr() % 16 for v in views)
+    ref_in = [t.double().requires_grad_() for t in views + [q, gamma, shift, scale]]
+    ker_in = views + [t.clone().requires_grad_() for t in (q, gamma, shift, scale)]
+    x_ref = dar.mix(ref_in[:3], *ref_in[3:])[0]
+    x = kernel.fused_mix(ker_in[:3], *ker_in[3:])[0]
+    assert rel_rms(x, x_ref) <= TOL[torch.float32]
+    for got, want in zip(torch.autograd.grad(x, ker_in, dx), torch.autograd.grad(x_ref, ref_in, dx.double())):
+        assert rel_rms(got, want) <= TOL[torch.float32]
 
 
 def test_bad_shapes_are_rejected_with_clear_errors():  # rejected before any launch
@@ -257,11 +274,13 @@ def test_model_on_kernel_under_bf16_autocast_matches_reference():
 
 
 # The interpreter accepts code that Triton's compiler rejects, so on a CPU the kernels are also compiled, without
-# launching, for an H100 (sm_90) down to a cubin with the ptxas that ships in the triton wheel. A stand-in
-# driver reports that target; it leans on Triton internals, so a Triton whose internals moved skips the test
-# (exit code 3) rather than failing, while a kernel that does not compile fails it.
+# launching, for an H100 (sm_90) down to a cubin with the ptxas that ships in the triton wheel: every autotune
+# config at SiT-XL/2's working point, one config elsewhere. A stand-in driver reports that target; it leans on
+# Triton internals, so a Triton whose internals moved skips the test (exit code 3) rather than failing, while a
+# kernel that does not compile fails it. With -s the test prints each kernel's registers and stack bytes per
+# thread (spills), read off the cubin by the cuobjdump in the wheel.
 COMPILE_FOR_SM90 = """
-import sys
+import os, subprocess, sys, tempfile
 try:
     import torch
     from triton.backends.compiler import GPUTarget
@@ -280,20 +299,39 @@ try:
 except Exception as e:
     print(f"cannot stand in for a CUDA driver on this Triton: {e!r}")
     sys.exit(3)
+import triton
 import kernel
 
-for D, N, q_mode, mod, dtype in [(1152, 57, 2, True, torch.bfloat16), (1152, 57, 0, False, torch.float32),
-                                 (100, 3, 1, True, torch.float32)]:
-    meta = kernel._meta(D, N)
-    src = tuple(torch.empty(1, dtype=dtype) for _ in range(meta["NMAX"]))
-    x, f = torch.empty(1, dtype=dtype), torch.empty(1)
-    fwd = kernel._mix_fwd_kernel.fn.warmup(src, N, f, f, f, f, x, x, 16, Q_MODE=q_mode, HAS_MOD=mod, STORE_H=mod,
-                                           grid=(1,), num_warps=8, **meta)
-    bwd = kernel._mix_bwd_kernel.fn.warmup(src, src, N, f, f, f, f, x, x, f, f, 16, 2, 8, Q_MODE=q_mode,
-                                           HAS_MOD=mod, HAS_DH=mod, grid=(1, 1), num_warps=8, **meta)
-    sizes = [len(k.asm["cubin"]) for k in (fwd, bwd)]
-    assert min(sizes) > 0, sizes
-    print(f"D={D} N={N} q_mode={q_mode} mod={mod} {dtype}: cubin bytes {sizes}")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resources(compiled):
+    if not os.path.exists(CUOBJDUMP):
+        return "?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return " ".join(w for w in out.split() if w.startswith(("REG:", "STACK:")))
+
+
+table, f = torch.empty(1, dtype=torch.int64), torch.empty(1)
+for D, q_mode, mod, dtype, configs in [(1152, 2, True, torch.bfloat16, kernel.CONFIGS),
+                                       (1152, 0, False, torch.float32, kernel.CONFIGS[:1]),
+                                       (100, 1, True, torch.float32, kernel.CONFIGS[:1])]:
+    meta = kernel._meta([torch.empty(1, 1, D, dtype=dtype)])
+    del meta["N"], meta["NB"]
+    x = torch.empty(1, dtype=dtype)
+    for c in configs:
+        launch = dict(num_warps=c.num_warps, **c.kwargs, **meta)
+        fwd = kernel._mix_fwd_kernel.fn.warmup(table, 57, 64, f, f, f, f, x, x, 16, Q_MODE=q_mode, HAS_MOD=mod,
+                                               STORE_H=mod, grid=(1,), **launch)
+        bwd = kernel._mix_bwd_kernel.fn.warmup(table, table, 57, 64, f, f, f, f, x, x, f, f, 16, 2, 8, Q_MODE=q_mode,
+                                               HAS_MOD=mod, HAS_DH=mod, grid=(1, 1), **launch)
+        sizes = [len(k.asm["cubin"]) for k in (fwd, bwd)]
+        assert min(sizes) > 0, sizes
+        print(f"d={D} q_mode={q_mode} LN={mod} {str(dtype)[6:]} U={c.kwargs['U']} warps={c.num_warps}: "
+              f"cubin bytes {sizes}; forward {resources(fwd)}, backward {resources(bwd)}")
 """
 
 
@@ -306,4 +344,5 @@ def test_kernels_compile_for_hopper():
     if run.returncode == 3:
         pytest.skip(run.stdout.strip())
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("cubin bytes") == 3
+    assert run.stdout.count("cubin bytes") == len(kernel.CONFIGS) + 2
+    print(run.stdout)
