@@ -343,8 +343,12 @@ def mix_backward(sources, q, gamma, shift, scale, dx, dh):
 # torch.library custom ops with fake implementations: torch.compile(fullgraph=True) traces through them
 # (a graph sees one opaque op), autograd uses the registered backward, activation checkpointing just reruns
 # the forward. Autocast passes the inputs through unchanged; the kernels read any dtype and compute in fp32.
+# Every call copies a freshly built address table from pinned host memory, which a captured CUDA graph would
+# replay from a host buffer since reused: the tag keeps torch.compile's CUDA graphs away from these ops.
+TAGS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
 
-@torch.library.custom_op("dar::mix", mutates_args=())
+
+@torch.library.custom_op("dar::mix", mutates_args=(), **TAGS)
 def _mix_op(sources: list[torch.Tensor], q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None,
             scale: torch.Tensor | None, need_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return mix_forward(sources, q, gamma, shift, scale, need_h)
@@ -356,7 +360,7 @@ def _(sources, q, gamma, shift, scale, need_h):
     return x, torch.empty_like(x) if need_h and shift is not None else x.new_empty(0)
 
 
-@torch.library.custom_op("dar::mix_backward", mutates_args=())
+@torch.library.custom_op("dar::mix_backward", mutates_args=(), **TAGS)
 def _mix_backward_op(sources: list[torch.Tensor], q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None,
                      scale: torch.Tensor | None, dx: torch.Tensor, dh: torch.Tensor | None
                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
