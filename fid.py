@@ -39,7 +39,8 @@ INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_w
 #################################################################################
 
 class BatchNorm(nn.Module):
-    """Inference-only batch norm with exactly the checkpoint's four tensors (no num_batches_tracked)."""
+    """Inference-only batch norm with the four tensors inference reads (load_inception drops the released
+    file's num_batches_tracked counters)."""
 
     def __init__(self, channels):
         super().__init__()
@@ -201,7 +202,11 @@ def load_inception(source=INCEPTION_URL):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     if source != "random":
-        net.load_state_dict(load_checkpoint(source), strict=True)
+        state = load_checkpoint(source)
+        # The released file also carries a num_batches_tracked counter per BatchNorm (94 more keys, 566 in all),
+        # which inference never reads: drop exactly those, and load everything else strictly.
+        state = {k: v for k, v in state.items() if not k.endswith(".bn.num_batches_tracked")}
+        net.load_state_dict(state, strict=True)
     return net.eval().requires_grad_(False)
 
 

@@ -39,6 +39,28 @@ def test_inception_has_the_public_checkpoints_472_keys_and_loads_strictly(tmp_pa
     torch.testing.assert_close(out["pool"], net(images)["pool"], rtol=0, atol=0)
 
 
+def test_inception_loads_the_released_files_566_keys_with_batchnorm_counters(tmp_path):
+    # The released file was written by a network built from torch's own BatchNorm2d, which stores a
+    # num_batches_tracked counter per layer; rebuild such a network and write its checkpoint the same way.
+    net = fid.load_inception("random")
+    torch_bn = fid.load_inception("random")
+    for conv in [m for m in torch_bn.modules() if isinstance(m, fid.BasicConv2d)]:
+        bn = nn.BatchNorm2d(conv.bn.weight.shape[0], eps=1e-3)
+        bn.load_state_dict(conv.bn.state_dict(), strict=False)
+        conv.bn = bn.eval()
+    state = torch_bn.state_dict()
+    assert len(state) == 566 and sum(k.endswith("num_batches_tracked") for k in state) == 94
+    torch.save(state, tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    loaded = fid.load_inception(str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
+    images = torch.randint(0, 256, (2, 40, 40, 3), dtype=torch.uint8)
+    torch.testing.assert_close(loaded(images)["pool"], net(images)["pool"], rtol=0, atol=0)
+    torch.testing.assert_close(torch_bn(images)["pool"], net(images)["pool"], rtol=0, atol=0)
+    state["Mixed_7c.branch_pool.conv.extra"] = torch.zeros(1)  # any other stray key is still refused
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fid.load_inception(str(tmp_path / "bad.pth"))
+
+
 def test_sfid_features_are_mixed_6d_branch1x1_channels_0_to_6_in_hwc_order():
     net = fid.load_inception("random")
     seen = {}
