@@ -79,13 +79,71 @@ def test_checkpoint_describes_itself_and_round_trips(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match="the loss is (nan|inf)"):
+    with pytest.raises(SystemExit, match="the loss is (nan|inf)|a gradient is not finite"):
         train(tmp_path, "--lr=1e30", "--ckpt-every=1", steps=50)
     kept = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     assert kept and len(kept) < 50
     for name in kept:
         ckpt = load_checkpoint(str(tmp_path / "run" / "checkpoints" / name))
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_nan_gradient_under_a_finite_loss_is_never_written_and_the_advice_resumes(tmp_path, monkeypatch):
+    import train as train_module
+
+    original, calls = train_module.train_step, []
+
+    def poisoned(args, module, *rest):
+        calls.append(1)
+        trainable = [p for p in module.parameters() if p.requires_grad] if len(calls) == 5 else []
+        hooks = [p.register_hook(lambda g: g * float("nan")) for p in trainable]
+        try:
+            return original(args, module, *rest)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(train_module, "train_step", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        train(tmp_path, "--ckpt-every=1", "--log-every=4", steps=8)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    message = str(stop.value)
+    # The loss of step 5 was finite; its gradient was not. Checkpoint 5 would be NaN in model, EMA and optimiser.
+    assert "a gradient is not finite" in message and str(ckpt_dir / "0000004.pt") in message
+    assert sorted(os.listdir(ckpt_dir)) == [f"{s:07d}.pt" for s in range(1, 5)]
+    for name in os.listdir(ckpt_dir):
+        ckpt = load_checkpoint(str(ckpt_dir / name))
+        for part in ("model", "ema"):
+            assert all(torch.isfinite(v).all() for v in ckpt[part].values())
+    # The advice (resume from it with a lower --lr or a clip) is accepted by the resume check.
+    monkeypatch.setattr(train_module, "train_step", original)
+    log = train(tmp_path, f"--resume={ckpt_dir / '0000004.pt'}", "--lr=5e-4", "--grad-clip=1.0", "--ckpt-every=1",
+                "--log-every=4", steps=8)
+    assert load_checkpoint(str(ckpt_dir / "0000008.pt"))["args"]["lr"] == 5e-4
+    assert [r["step"] for r in log if "loss" in r] == [4, 8]  # step 5's failed attempt never reached the log
+
+
+def test_resume_picks_the_highest_readable_step_and_refuses_bad_state_and_other_runs(tmp_path, capsys):
+    train(tmp_path, steps=6)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    (ckpt_dir / "best.pt").write_bytes((ckpt_dir / "0000003.pt").read_bytes())  # not a step: never "latest"
+    (ckpt_dir / "0000006.pt").write_bytes(b"half-written garbage")
+    log = train(tmp_path, "--resume=latest", steps=6)
+    out = capsys.readouterr().out
+    assert f"skipping {ckpt_dir / '0000006.pt'}" in out and f"resumed from {ckpt_dir / '0000003.pt'} at step 3" in out
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]  # steps 4-6 logged once, not twice
+
+    ckpt = load_checkpoint(str(ckpt_dir / "0000006.pt"))
+    ckpt["ema"]["pos_embed"][0, 0, 0] = float("inf")
+    torch.save(ckpt, ckpt_dir / "0000009.pt")
+    with pytest.raises(SystemExit, match="0000009.pt holds non-finite values"):
+        train(tmp_path, "--resume=latest", steps=12)
+
+    train(tmp_path, name="other", steps=3)
+    before = {p: p.read_bytes() for p in (tmp_path / "other").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match="not a checkpoint of the run"):
+        train(tmp_path, f"--resume={ckpt_dir / '0000003.pt'}", name="other", steps=6)
+    assert {p: p.read_bytes() for p in (tmp_path / "other").rglob("*") if p.is_file()} == before
 
 
 def test_bad_flags_say_what_to_do(tmp_path, capsys):

@@ -41,9 +41,10 @@ from vae import load_vae
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; more specific names first. Unknown GPUs report no MFU.
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20", 148e12), ("A100", 312e12))
+# What a resumed run must share with its checkpoint. --lr and --grad-clip may change (the way out of a diverged
+# run); everything else that defines the model, the data or the recipe may not.
 RUN_DEFINING = ("model", "depth", "hidden_size", "num_heads", "routing", "chunk", "final_agg", "data", "data_path",
-                "image_size", "global_batch_size", "lr", "ema_decay", "grad_clip", "seed", "repa", "repa_depth",
-                "repa_coeff")
+                "image_size", "global_batch_size", "ema_decay", "seed", "repa", "repa_depth", "repa_coeff")
 
 
 def parse_args(argv=None):
@@ -235,8 +236,7 @@ def main(args):
 
     ckpt_dir = os.path.join(args.results_dir, "checkpoints")
     if args.resume:
-        source = latest_checkpoint(ckpt_dir) if args.resume == "latest" else args.resume
-        ckpt = load_checkpoint(source)
+        source, ckpt = resume_source(args.resume, ckpt_dir)
         changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RUN_DEFINING if ckpt["args"].get(k) != getattr(args, k)}
         if changed:
             raise SystemExit(f"{source} was trained with other settings; resuming would not continue that run. "
@@ -244,12 +244,17 @@ def main(args):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:
+            group["lr"] = args.lr  # the optimiser's state holds the old rate; --lr may change on resume
         if projector is not None:
             projector.load_state_dict(ckpt["projector"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if master:
-            print(f"resumed from {source} at step {step}")
+            retuned = {k: (ckpt["args"].get(k), getattr(args, k)) for k in ("lr", "grad_clip")
+                       if ckpt["args"].get(k) != getattr(args, k)}
+            print(f"resumed from {source} at step {step}" + (f"; changed (checkpoint, now): {retuned}" if retuned else ""))
+            drop_log_after(os.path.join(args.results_dir, "log.jsonl"), step)
     elif not args.bench:
         if glob.glob(os.path.join(ckpt_dir, "*.pt")):
             raise SystemExit(f"{args.results_dir} already holds checkpoints: continue with --resume latest, or give "
@@ -266,15 +271,19 @@ def main(args):
     if master:
         os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
-        with open(os.path.join(args.results_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        if not args.resume:  # a resumed run keeps the first start's args.json; the log records each resume
+            with open(os.path.join(args.results_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=1)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{args.model} {args.routing} c{args.chunk}: {n_params / 1e6:.2f}M parameters; {world} process(es), "
               f"{per_rank} images each per step in {accum} pass(es); {device}, {args.precision}")
     stream = Stream(data, args.global_batch_size, args.seed, device)
     log = open(os.path.join(args.results_dir, "log.jsonl"), "a") if master else None
+    if log and args.resume:
+        log.write(json.dumps(dict(step=step, resumed=vars(args))) + "\n")
     fpi, peak = forward_flops(model_config(model)), peak_flops(device, args.precision)
     loss_sum, interval_steps, t_last = torch.zeros(2, device=device), 0, time.time()
+    finite_grads = torch.ones((), dtype=torch.bool, device=device)  # every step's gradient so far, checked without a sync
 
     # 3. The loop.
     while step < args.max_steps:
@@ -283,13 +292,14 @@ def main(args):
         losses, grad_norm = train_step(args, module, opt, data, draw, mine, micro, accum, encoder, autocast,
                                        model.config.num_classes)
         update_ema(ema, model, args.ema_decay)
+        finite_grads &= torch.isfinite(grad_norm)
         step += 1
         loss_sum += torch.stack([losses[0], losses[1]]).detach()
         interval_steps += 1
 
         if step % args.log_every == 0 or step == args.max_steps:
             loss, repa_loss = (all_reduced(loss_sum, world) / (interval_steps * world)).tolist()
-            stop_unless_finite(loss, step, ckpt_dir)
+            stop_unless_finite(loss, finite_grads.item(), step, ckpt_dir)
             dt = time.time() - t_last
             record = dict(step=step, loss=loss, grad_norm=grad_norm.item(), steps_per_s=interval_steps / dt,
                           images_per_s=interval_steps * args.global_batch_size / dt)
@@ -307,7 +317,10 @@ def main(args):
         if master and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
             sample_grid(args, ema, data, device, step, vae)
         if step % args.ckpt_every == 0 or step == args.max_steps:
-            stop_unless_finite(all_reduced(loss_sum, world)[0].item(), step, ckpt_dir)  # steps not yet logged
+            stop_unless_finite(all_reduced(loss_sum, world)[0].item(), finite_grads.item(), step, ckpt_dir)
+            bad = nonfinite_tensors(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
+            if bad:  # the last line of defence: nothing non-finite is ever written
+                stop_unless_finite(float("nan"), False, step, ckpt_dir, f"non-finite values in {bad}")
             if master:
                 save_checkpoint(dict(config=model_config(model), args=vars(args), step=step, model=model.state_dict(),
                                      ema=ema.state_dict(), opt=opt.state_dict(),
@@ -358,11 +371,37 @@ def all_reduced(x, world):
     return x
 
 
-def stop_unless_finite(loss, step, ckpt_dir):
-    if not math.isfinite(loss):
-        raise SystemExit(f"step {step}: the loss is {loss}; stopping before anything else is written. The last good "
-                         f"checkpoint is in {ckpt_dir}: lower --lr, set --grad-clip or use --precision fp32, then "
-                         "--resume from it")
+def stop_unless_finite(loss, grads_finite, step, ckpt_dir, what=None):
+    """Stop the run, before anything else is written, if the loss or any step's gradient is not finite: a NaN
+    gradient makes NaN weights even when the loss that produced it was finite."""
+    if math.isfinite(loss) and grads_finite:
+        return
+    what = what or (f"the loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite")
+    last = checkpoints_by_step(ckpt_dir)
+    where = (f"The last good checkpoint is {last[0][1]} (every checkpoint written is finite): resume from it with "
+             f"--resume={last[0][1]} and a lower --lr or a --grad-clip (both may change on resume), or with "
+             "--precision=fp32" if last else f"No checkpoint was written yet ({ckpt_dir} is empty): start again with "
+             "a lower --lr or a --grad-clip")
+    raise SystemExit(f"step {step}: {what}; stopping before anything else is written. {where}.")
+
+
+def nonfinite_tensors(**states):
+    """Names of the first few tensors with a NaN or inf in nested state dicts (model, EMA, optimiser)."""
+    bad = []
+
+    def visit(name, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{name}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{name}.{i}", item)
+        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad.append(name)
+
+    for name, state in states.items():
+        visit(name, state)
+    return bad[:5]
 
 
 @torch.no_grad()
@@ -419,11 +458,57 @@ def write_log(log, record):
                    if not isinstance(v, list)))
 
 
-def latest_checkpoint(ckpt_dir):
-    paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.pt")))
-    if not paths:
-        raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir}")
-    return paths[-1]
+def checkpoints_by_step(ckpt_dir):
+    """[(step, path)] of the checkpoints train.py wrote into ckpt_dir (named by step), highest step first."""
+    found = []
+    for path in glob.glob(os.path.join(ckpt_dir, "*.pt")):
+        stem = os.path.basename(path)[:-3]
+        if stem.isdigit():
+            found.append((int(stem), path))
+    return sorted(found, reverse=True)
+
+
+def resume_source(resume, ckpt_dir):
+    """(path, checkpoint) to resume from: --resume=latest takes the highest step in ckpt_dir that can be read
+    (an unreadable one is skipped with a message naming it); a path must belong to this run's directory or to
+    none (a directory holding another run's checkpoints is never written into). Non-finite state is refused."""
+    if resume == "latest":
+        candidates = [path for _, path in checkpoints_by_step(ckpt_dir)]
+        if not candidates:
+            raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir}")
+    else:
+        theirs, ours = os.path.realpath(os.path.dirname(resume)), os.path.realpath(ckpt_dir)
+        if theirs != ours and checkpoints_by_step(ckpt_dir):
+            raise SystemExit(f"--resume={resume} is not a checkpoint of the run in {os.path.dirname(ckpt_dir)}, which "
+                             f"holds checkpoints of its own: give the --results-dir that {resume} belongs to, or a new one")
+        candidates = [resume]
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+            if not (isinstance(ckpt, dict) and {"args", "model", "ema", "opt", "step"} <= ckpt.keys()):
+                raise ValueError("it is not a checkpoint of train.py (no args, model, ema, opt and step)")
+        except Exception as error:  # noqa: BLE001 (any reason a file cannot be resumed from)
+            if resume != "latest":
+                raise SystemExit(f"cannot resume from {path}: {error}")
+            print(f"skipping {path}, which cannot be read: {error}")
+            continue
+        bad = nonfinite_tensors(model=ckpt["model"], ema=ckpt["ema"], opt=ckpt["opt"])
+        if bad:
+            raise SystemExit(f"{path} holds non-finite values ({bad}); resume from an earlier checkpoint")
+        return path, ckpt
+    raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir} can be read")
+
+
+def drop_log_after(path, step):
+    """Keep only the log records up to `step`: a resumed run rewrites the later ones exactly (the same draws and
+    weights), so a step killed after its checkpoint is never logged twice. Rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 #################################################################################
