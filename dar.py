@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:
-    from kernel import fused_mix
+    from kernel import fused_mix_with_tokens
 except ImportError:  # no triton: only the reference path runs
-    fused_mix = None
+    fused_mix_with_tokens = None
 
 ROUTINGS = ("residual", "static", "explicit", "dynamic")
 FINAL_AGGS = ("dedicated", "reuse")
@@ -81,22 +81,30 @@ def mix(sources, q, gamma, shift=None, scale=None, eps=1e-6):
     return x.to(dtype), h.to(dtype), alpha
 
 
-def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_h=False, need_alpha=False):
+def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_h=False, need_alpha=False,
+              tokens=None, hand_on=None):
     """The one dispatch point between the fused kernel and the reference `mix`; same arguments and returns,
-    except that the fused path returns h only when need_h and never returns alpha (None instead).
+    plus a fourth: the gradient tokens handed on (kernel.py, above _mix_op). The fused path returns h only when
+    need_h and never returns alpha (None instead).
 
     kernel: "torch" the reference path; "triton" the fused kernel (CUDA, or a CPU under TRITON_INTERPRET=1);
     "auto" the fused kernel on CUDA tensors, the reference elsewhere. need_alpha asks for the routing
-    weights, which only the reference path materialises, so it runs the reference path.
+    weights, which only the reference path materialises, so it runs the reference path. tokens and hand_on
+    (per source: the token its previous reader handed on or None, and whether a later reader follows) let the
+    fused path add every reader's gradient of a source into one buffer; the reference path leaves that to
+    autograd and hands on no tokens.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    fused = kernel == "triton" or (kernel == "auto" and sources[0].is_cuda and fused_mix is not None)
+    fused = kernel == "triton" or (kernel == "auto" and sources[0].is_cuda and fused_mix_with_tokens is not None)
     if need_alpha or not fused:
-        return mix(sources, q, gamma, shift, scale)
-    if fused_mix is None:
+        return (*mix(sources, q, gamma, shift, scale), [])
+    if fused_mix_with_tokens is None:
         raise RuntimeError("kernel='triton' needs the triton package (pip install triton); or use kernel='torch'")
-    return fused_mix(sources, q, gamma, shift, scale, need_h)
+    tokens = tokens if tokens is not None else [None] * len(sources)
+    hand_on = hand_on if hand_on is not None else [False] * len(sources)
+    x, h, new_tokens = fused_mix_with_tokens(sources, tokens, hand_on, q, gamma, shift, scale, need_h)
+    return x, h, None, new_tokens
 
 
 class Router(nn.Module):
@@ -149,7 +157,8 @@ class Routers(nn.ModuleDict):
         super().__init__(routers)
         self.num_sublayers, self.final_agg, self.kernel = L, final_agg, kernel
         self.source_sets = source_sets  # source_sets[l - 1] is S_l
-        # The last aggregator that reads each source; after it, the source can be freed (the memory saving of Eq. 7).
+        # The last aggregator that reads each source: later ones need not keep it (at inference it is freed then,
+        # the memory saving of Eq. 7; under autograd the graph keeps every source until the backward).
         self.last_reader = {i: l for l, S_l in enumerate(source_sets, start=1) for i in S_l}
 
     def router(self, l):
@@ -158,13 +167,22 @@ class Routers(nn.ModuleDict):
             return self[str(l)]
         return self["final"] if self.final_agg == "dedicated" else self[str(self.num_sublayers)]
 
-    def forward(self, l, vs, e, shift=None, scale=None, need_h=False, need_alpha=False):
+    def forward(self, l, vs, e, shift=None, scale=None, need_h=False, need_alpha=False, tokens=None):
         """Aggregation l over vs, a dict {i: v_i} holding at least S_l; e is the timestep embedding (B, d).
 
         The query input is v_{l-1}, which is always in S_l; for the final aggregator it is v_L (Eq. 6).
-        Returns (x, h, alpha) as `aggregate` does.
+        tokens, a dict {i: token} kept over one forward pass, lets the fused kernel accumulate each source's
+        gradient over its readers in one buffer (kernel.py); this call takes the tokens of S_l from it and
+        leaves the new ones there. Returns (x, h, alpha) as `mix` does.
         """
         router = self.router(l)
         q = router(vs[l - 1], e)
-        srcs = [vs[i] for i in self.source_sets[l - 1]]
-        return aggregate(srcs, q, router.gamma, shift, scale, self.kernel, need_h, need_alpha)
+        S_l = self.source_sets[l - 1]
+        srcs = [vs[i] for i in S_l]
+        if tokens is None:
+            return aggregate(srcs, q, router.gamma, shift, scale, self.kernel, need_h, need_alpha)[:3]
+        hand_on = [self.last_reader[i] > l for i in S_l]
+        x, h, alpha, new_tokens = aggregate(srcs, q, router.gamma, shift, scale, self.kernel, need_h, need_alpha,
+                                            [tokens.get(i) for i in S_l], hand_on)
+        tokens.update(zip([i for i, handed in zip(S_l, hand_on) if handed], new_tokens))
+        return x, h, alpha

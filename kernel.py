@@ -114,7 +114,7 @@ def _layer_norm(h, mask, D: tl.constexpr):
     return hc * rstd, rstd
 
 
-@triton.autotune(configs=_configs(), key=["D", "NB", "Q_MODE", "HAS_MOD", "STORE_H"])
+@triton.autotune(configs=_configs(), key=["D", "NB", "Q_MODE", "HAS_MOD", "STORE_H", "SAVE"])
 @triton.jit(do_not_specialize=["N", "NB"])
 def _mix_fwd_kernel(
     SRC,  # (N,) int64: the addresses of the sources v_i, each (M, D) contiguous
@@ -122,17 +122,21 @@ def _mix_fwd_kernel(
     NB,  # N rounded up to a power of two: the autotuner picks a config per such class of N
     Q,  # query: (D,), (B, D) or (M, D) by Q_MODE
     GAMMA,  # (D,) RMSNorm gain of the keys
-    SHIFT,  # (B, D) adaLN shift (read when HAS_MOD)
-    SCALE,  # (B, D) adaLN scale (read when HAS_MOD)
+    SHIFT,  # (B, D) adaLN shift, rows MOD_STRIDE apart (read when HAS_MOD)
+    SCALE,  # (B, D) adaLN scale, rows MOD_STRIDE apart (read when HAS_MOD)
     X,  # (M, D) out: LN(h) * (1 + scale) + shift, or h without HAS_MOD
-    H,  # (M, D) out: h (written when STORE_H)
+    H,  # (M, D) out: h in the sources' type (written when STORE_H)
+    H32,  # (M, D) fp32 out: h for the backward (written when SAVE)
+    LSE,  # (M,) fp32 out: the log-sum-exp of the row's logits, for the backward (written when SAVE)
     T,  # rows per sample
+    MOD_STRIDE,  # elements between the rows of shift and scale (views of the adaLN output are not copied)
     D: tl.constexpr,  # width d
     BD: tl.constexpr,  # next power of two >= D
     TYPE: tl.constexpr,  # the sources' element type
     Q_MODE: tl.constexpr,  # 0 one query, 1 one per sample, 2 one per row
     HAS_MOD: tl.constexpr,  # fuse LayerNorm + adaLN modulate
     STORE_H: tl.constexpr,  # also write h
+    SAVE: tl.constexpr,  # also write what the backward reads: h in fp32 and the log-sum-exp
     SM_SCALE: tl.constexpr,  # 1 / sqrt(D)
     U: tl.constexpr,  # sources per loop step (autotuned)
 ):
@@ -141,15 +145,18 @@ def _mix_fwd_kernel(
     mask = offs < D
     base = row * D
     _, qw = _query(Q, GAMMA, row, T, offs, mask, D, Q_MODE)
-    _, _, h = _softmax_mix(SRC, N, base, offs, mask, qw, D, U, SM_SCALE, TYPE)
+    m, z, h = _softmax_mix(SRC, N, base, offs, mask, qw, D, U, SM_SCALE, TYPE)
+    if SAVE:
+        tl.store(LSE + row, m + tl.log(z))
+        tl.store(H32 + base + offs, h, mask=mask)
     x = h
     if HAS_MOD:
         if STORE_H:
             tl.store(H + base + offs, h.to(H.dtype.element_ty), mask=mask)
         xhat, _ = _layer_norm(h, mask, D)
         b = row // T
-        scale = tl.load(SCALE + b * D + offs, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(SHIFT + b * D + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(SCALE + b * MOD_STRIDE + offs, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(SHIFT + b * MOD_STRIDE + offs, mask=mask, other=0.0).to(tl.float32)
         x = xhat * (1.0 + scale) + shift
     tl.store(X + base + offs, x.to(X.dtype.element_ty), mask=mask)
 
@@ -158,16 +165,20 @@ def _mix_fwd_kernel(
 @triton.jit(do_not_specialize=["N", "NB"])
 def _mix_bwd_kernel(
     SRC,  # (N,) int64 source addresses, as in the forward
-    DSRC,  # (N,) int64 addresses of the outputs dL/dv_i, each (M, D) of the sources' type
+    DSRC,  # (N,) int64 addresses of the gradient buffers dL/dv_i, each (M, D) of the sources' type
+    ACC,  # (N,) int32: 1 adds this aggregation's dv_i into its buffer (another reader wrote it), 0 stores it
     N, NB,  # as in the forward
     Q, GAMMA, SHIFT, SCALE,  # the forward's inputs
+    H32,  # (M, D) fp32: h as the forward saved it
+    LSE,  # (M,) fp32: the forward's log-sum-exp per row
     DX,  # (M, D) dL/dx
     DH,  # (M, D) dL/dh from h's own uses (read when HAS_DH)
     DQ,  # (M, D) out: dL/dq per row (written when Q_MODE == 2)
-    PART,  # (4, B, J, D) fp32 out: per-program partial sums of dgamma, dq, dshift, dscale
+    PART,  # (P, B, J, D) fp32 out: per-program partial sums of dgamma, then dq (Q_MODE < 2), dshift, dscale (HAS_MOD)
     T,  # rows per sample
     J,  # programs per sample
     R,  # rows per program
+    MOD_STRIDE,  # as in the forward
     D: tl.constexpr, BD: tl.constexpr, TYPE: tl.constexpr, Q_MODE: tl.constexpr,
     HAS_MOD: tl.constexpr, HAS_DH: tl.constexpr, SM_SCALE: tl.constexpr, U: tl.constexpr,
 ):
@@ -180,14 +191,16 @@ def _mix_bwd_kernel(
     dshift = tl.zeros([BD], tl.float32)
     dscale = tl.zeros([BD], tl.float32)
     if HAS_MOD:
-        scale = tl.load(SCALE + b * D + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(SCALE + b * MOD_STRIDE + offs, mask=mask, other=0.0).to(tl.float32)
     for t in range(j * R, tl.minimum(j * R + R, T)):
         row = b * T + t
         base = row * D
         q, qw = _query(Q, GAMMA, row, T, offs, mask, D, Q_MODE)
-        # Pass 1: m, Z and h, exactly as the forward computed them.
-        m, z, h = _softmax_mix(SRC, N, base, offs, mask, qw, D, U, SM_SCALE, TYPE)
-        lse = m + tl.log(z)
+        # The forward saved h and lse = m + log Z, so one pass over the sources suffices: recovering them would
+        # read every source a second time, and h costs one fp32 row (fp32, as the reference's autograd keeps it:
+        # a rounded h would shift delta below, which the softmax backward subtracts from like-sized terms).
+        lse = tl.load(LSE + row)
+        h = tl.load(H32 + base + offs, mask=mask, other=0.0)
         # dh from x = LN(h) * (1 + scale) + shift: dxhat = dx (1 + scale), then the LayerNorm backward
         # dh = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
         dx = tl.load(DX + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -202,15 +215,17 @@ def _mix_bwd_kernel(
             dh = dx
         if HAS_DH:
             dh += tl.load(DH + base + offs, mask=mask, other=0.0).to(tl.float32)
-        # Pass 2, U sources at a time, with p_i = exp(s_i - lse) and delta = sum_i p_i <dh, v_i> = <dh, h>:
+        # U sources at a time, with p_i = exp(s_i - lse) and delta = sum_i p_i <dh, v_i> = <dh, h>:
         #   ds_i = p_i (<dh, v_i> - delta)                                   (softmax backward)
         #   dv_i = p_i dh + ds_i (rstd_i qw / sqrt(d) - s_i rstd_i^2 v_i / d)  (weighted sum + logit through RMSNorm)
         #   dqw += ds_i rstd_i v_i / sqrt(d)                                 (then dq = dqw gamma, dgamma = dqw q)
+        # dv_i goes into its buffer, added to what later readers of v_i left there (no separate dv per reader).
         delta = tl.sum(dh * h, axis=0)
         dqw = tl.zeros([BD], tl.float32)
         for i in range(0, N, U):
             ptrs, valid = _tile(SRC, i, N, U, TYPE)
             dptrs, _ = _tile(DSRC, i, N, U, TYPE)
+            add = tl.load(ACC + i + tl.arange(0, U), mask=valid, other=0) != 0
             tile = valid[:, None] & mask[None, :]
             v = tl.load(ptrs[:, None] + base + offs[None, :], mask=tile, other=0.0).to(tl.float32)
             s, rstd = _logits(v, qw, D, SM_SCALE)
@@ -218,6 +233,7 @@ def _mix_bwd_kernel(
             ds = p * (tl.sum(dh[None, :] * v, axis=1) - delta)
             dv = p[:, None] * dh[None, :] + ds[:, None] * (
                 (rstd * SM_SCALE)[:, None] * qw[None, :] - (s * rstd * rstd / D)[:, None] * v)
+            dv += tl.load(dptrs[:, None] + base + offs[None, :], mask=tile & add[:, None], other=0.0).to(tl.float32)
             tl.store(dptrs[:, None] + base + offs[None, :], dv.to(TYPE), mask=tile)
             dqw += tl.sum((ds * rstd * SM_SCALE)[:, None] * v, axis=0)
         gamma = tl.load(GAMMA + offs, mask=mask, other=0.0).to(tl.float32)
@@ -226,12 +242,16 @@ def _mix_bwd_kernel(
             tl.store(DQ + base + offs, (dqw * gamma).to(DQ.dtype.element_ty), mask=mask)
         else:
             dq_sum += dqw * gamma
+    # Only the partials of gradients that exist: a plane each, (B, J, D) apart.
     part = PART + (b * J + j) * D + offs
-    plane = tl.num_programs(0).to(tl.int64) * J * D  # elements per partial kind
+    plane = tl.num_programs(0).to(tl.int64) * J * D
     tl.store(part, dgamma, mask=mask)
-    tl.store(part + plane, dq_sum, mask=mask)
-    tl.store(part + 2 * plane, dshift, mask=mask)
-    tl.store(part + 3 * plane, dscale, mask=mask)
+    if Q_MODE < 2:
+        part += plane
+        tl.store(part, dq_sum, mask=mask)
+    if HAS_MOD:
+        tl.store(part + plane, dshift, mask=mask)
+        tl.store(part + 2 * plane, dscale, mask=mask)
 
 
 #################################################################################
@@ -289,52 +309,79 @@ def _meta(sources):
                 SM_SCALE=1.0 / math.sqrt(D))
 
 
-def mix_forward(sources, q, gamma, shift, scale, need_h):
-    """Launch the forward; returns (x, h), h an empty tensor unless need_h and the LayerNorm is fused."""
-    B, T, D, q_mode = _check(sources, q, gamma, shift, scale)
-    sources = [_aligned(s) for s in sources]
-    meta = _meta(sources)
-    has_mod, store_h = shift is not None, need_h and shift is not None
-    x = torch.empty_like(sources[0])
-    h = torch.empty_like(x) if store_h else x.new_empty(0)
-    shift, scale = (shift.contiguous(), scale.contiguous()) if has_mod else (x, x)
-    _mix_fwd_kernel[(B * T,)](
-        _table(sources), Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, X=x,
-        H=h if store_h else x, T=T, Q_MODE=q_mode, HAS_MOD=has_mod, STORE_H=store_h, **meta)
-    return x, h
+def _modulation(shift, scale, fallback):
+    """(shift, scale, row stride) as the kernels read them: (B, d) rows with unit inner stride and one row stride
+    for both, which the views that chunk() cuts from the adaLN output already are (so nothing is copied)."""
+    if shift is None:
+        return fallback, fallback, 0
+    if shift.stride(1) != 1 or scale.stride(1) != 1 or shift.stride(0) != scale.stride(0):
+        shift, scale = shift.contiguous(), scale.contiguous()
+    return shift, scale, shift.stride(0)
 
 
-def _rows_per_program(B, T, device):
-    # About 8 programs per SM keep the GPU busy while each program's partials stay few.
-    if device.type != "cuda":
-        return T
-    programs = 8 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(T, math.ceil(B * T / programs)))
-
-
-def mix_backward(sources, q, gamma, shift, scale, dx, dh):
-    """Launch the two-pass backward; returns (dsources, dq, dgamma, dshift, dscale), the last two empty
-    tensors when the LayerNorm was not fused."""
+def mix_forward(sources, q, gamma, shift, scale, store_h, save):
+    """Launch the forward; returns (x, h, h32, lse): h in the sources' type when store_h and the LayerNorm is
+    fused, and when save what the backward reads, h32 (B, T, d) and lse (B, T) in fp32; else empty tensors."""
     B, T, D, q_mode = _check(sources, q, gamma, shift, scale)
     sources = [_aligned(s) for s in sources]
     meta = _meta(sources)
     has_mod = shift is not None
-    dsources = [torch.empty_like(s) for s in sources]
+    store_h = store_h and has_mod
+    x = torch.empty_like(sources[0], memory_format=torch.contiguous_format)
+    h = torch.empty_like(x) if store_h else x.new_empty(0)
+    fp32 = dict(dtype=torch.float32, device=x.device)
+    h32 = torch.empty(B, T, D, **fp32) if save else x.new_empty(0, dtype=torch.float32)
+    lse = torch.empty(B, T, **fp32) if save else x.new_empty(0, dtype=torch.float32)
+    shift, scale, mod_stride = _modulation(shift, scale, x)
+    _mix_fwd_kernel[(B * T,)](
+        _table(sources), Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, X=x,
+        H=h if store_h else x, H32=h32 if save else x, LSE=lse if save else x, T=T, MOD_STRIDE=mod_stride,
+        Q_MODE=q_mode, HAS_MOD=has_mod, STORE_H=store_h, SAVE=save, **meta)
+    return x, h, h32, lse
+
+
+ROWS_PER_PROGRAM = None  # set to force the backward's rows per program (tests cover R < T on a CPU this way)
+
+
+def _rows_per_program(B, T, device):
+    """Rows per backward program. Each program writes one row of fp32 partials per gradient, so fewer, longer
+    programs write fewer partials; about two programs per SM still keep every SM busy."""
+    if ROWS_PER_PROGRAM is not None:
+        return max(1, min(T, ROWS_PER_PROGRAM))
+    if device.type != "cuda":
+        return T
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(T, math.ceil(B * T / programs)))
+
+
+def mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, dh):
+    """Launch the one-pass backward. dL/dv_i goes into dsources[i], added to its contents where accumulate[i]
+    (a later reader of v_i left its gradient there) and stored otherwise. Returns (dq, dgamma, dshift, dscale),
+    the last two empty tensors when the LayerNorm was not fused."""
+    B, T, D, q_mode = _check(sources, q, gamma, shift, scale)
+    sources = [_aligned(s) for s in sources]
+    if any(not g.is_contiguous() or g.data_ptr() % 16 for g in dsources):
+        raise ValueError("gradient buffers must be contiguous and 16-byte aligned (torch.empty_like gives such)")
+    meta = _meta(sources)
+    has_mod = shift is not None
     R = _rows_per_program(B, T, dx.device)
     J = math.ceil(T / R)
-    part = torch.empty(4, B, J, D, dtype=torch.float32, device=dx.device)
-    dq_rows = torch.empty_like(q) if q_mode == 2 else part
+    planes = 1 + (q_mode < 2) + 2 * has_mod  # dgamma, dq (one query or one per sample), dshift and dscale
+    part = torch.empty(planes, B, J, D, dtype=torch.float32, device=dx.device)
+    dq_rows = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_mode == 2 else part  # row-major, as written
     x = sources[0]
+    shift, scale, mod_stride = _modulation(shift, scale, x)
+    acc = torch.tensor([int(a) for a in accumulate], dtype=torch.int32)
     _mix_bwd_kernel[(B, J)](
-        _table(sources), _table(dsources), Q=q.contiguous(), GAMMA=gamma.contiguous(),
-        SHIFT=shift.contiguous() if has_mod else x, SCALE=scale.contiguous() if has_mod else x, DX=dx.contiguous(),
-        DH=dh.contiguous() if dh is not None else x, DQ=dq_rows, PART=part, T=T, J=J, R=R,
-        Q_MODE=q_mode, HAS_MOD=has_mod, HAS_DH=dh is not None, **meta)
+        _table(sources), _table(dsources), acc.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else acc,
+        Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, H32=h32, LSE=lse,
+        DX=dx.contiguous(), DH=dh.contiguous() if dh is not None else x, DQ=dq_rows, PART=part, T=T, J=J, R=R,
+        MOD_STRIDE=mod_stride, Q_MODE=q_mode, HAS_MOD=has_mod, HAS_DH=dh is not None, **meta)
     dgamma = part[0].sum((0, 1)).to(gamma.dtype)
     dq = {0: lambda: part[1].sum((0, 1)), 1: lambda: part[1].sum(1), 2: lambda: dq_rows}[q_mode]().to(q.dtype)
     if not has_mod:
-        return dsources, dq, dgamma, x.new_empty(0), x.new_empty(0)
-    return dsources, dq, dgamma, part[2].sum(1).to(shift.dtype), part[3].sum(1).to(scale.dtype)
+        return dq, dgamma, x.new_empty(0), x.new_empty(0)
+    return dq, dgamma, part[-2].sum(1).to(shift.dtype), part[-1].sum(1).to(scale.dtype)
 
 
 #################################################################################
@@ -345,60 +392,108 @@ def mix_backward(sources, q, gamma, shift, scale, dx, dh):
 # the forward. Autocast passes the inputs through unchanged; the kernels read any dtype and compute in fp32.
 # Every call copies a freshly built address table from pinned host memory, which a captured CUDA graph would
 # replay from a host buffer since reused: the tag keeps torch.compile's CUDA graphs away from these ops.
+#
+# Gradients of sources read by several aggregations. Autograd would take a separate dv_i from each reader and
+# add them up (a read of two tensors and a write per extra reader). Instead, the aggregation that reads v_i
+# hands the next reader of v_i a "token": an extra output of v_i's shape that costs no memory (a zero-stride
+# view of one element). That reader takes the token as an input, so in the backward, which runs the readers
+# in reverse, the later reader's gradient buffer for v_i arrives as the token's gradient, and the earlier
+# reader adds its dv_i into it in place. The first reader returns the buffer as v_i's gradient; every other
+# reader returns None for v_i. Autograd's own ordering does the rest, so gradient accumulation, activation
+# checkpointing, DDP and partial backward passes (a token whose reader never ran has no gradient: the buffer
+# starts there) need nothing special.
 TAGS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
 
 
+def _tokens(like, wanted):
+    return [like.new_zeros(()).expand(like.shape) for want in wanted if want]
+
+
 @torch.library.custom_op("dar::mix", mutates_args=(), **TAGS)
-def _mix_op(sources: list[torch.Tensor], q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None,
-            scale: torch.Tensor | None, need_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return mix_forward(sources, q, gamma, shift, scale, need_h)
+def _mix_op(sources: list[torch.Tensor], tokens: list[torch.Tensor], has_token: list[bool], hand_on: list[bool],
+            q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None,
+            store_h: bool, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    x, h, h32, lse = mix_forward(sources, q, gamma, shift, scale, store_h, save)
+    return x, h, h32, lse, _tokens(x, hand_on)
 
 
 @_mix_op.register_fake
-def _(sources, q, gamma, shift, scale, need_h):
-    x = torch.empty_like(sources[0])
-    return x, torch.empty_like(x) if need_h and shift is not None else x.new_empty(0)
+def _(sources, tokens, has_token, hand_on, q, gamma, shift, scale, store_h, save):
+    v = sources[0]
+    x = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    h = torch.empty_like(x) if store_h and shift is not None else x.new_empty(0)
+    h32 = x.new_empty(v.shape if save else (0,), dtype=torch.float32)
+    lse = x.new_empty(v.shape[:2] if save else (0,), dtype=torch.float32)
+    return x, h, h32, lse, _tokens(x, hand_on)
 
 
-@torch.library.custom_op("dar::mix_backward", mutates_args=(), **TAGS)
-def _mix_backward_op(sources: list[torch.Tensor], q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None,
-                     scale: torch.Tensor | None, dx: torch.Tensor, dh: torch.Tensor | None
-                     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mix_backward(sources, q, gamma, shift, scale, dx, dh)
+@torch.library.custom_op("dar::mix_backward", mutates_args=("dsources",), **TAGS)
+def _mix_backward_op(sources: list[torch.Tensor], dsources: list[torch.Tensor], accumulate: list[bool],
+                     q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None,
+                     h32: torch.Tensor, lse: torch.Tensor, dx: torch.Tensor, dh: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, dh)
 
 
 @_mix_backward_op.register_fake
-def _(sources, q, gamma, shift, scale, dx, dh):
+def _(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, dh):
     x = sources[0]
-    mod = (torch.empty_like(shift), torch.empty_like(scale)) if shift is not None else (x.new_empty(0), x.new_empty(0))
-    return [torch.empty_like(s) for s in sources], torch.empty_like(q), torch.empty_like(gamma), *mod
+    mod = (torch.empty(shift.shape, dtype=shift.dtype, device=shift.device),
+           torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)) if shift is not None else (
+        x.new_empty(0), x.new_empty(0))
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty_like(gamma), *mod
 
 
 def _setup_context(ctx, inputs, output):
-    sources, q, gamma, shift, scale, _ = inputs
-    ctx.save_for_backward(q, gamma, shift, scale, *sources)
+    sources, _, has_token, hand_on, q, gamma, shift, scale, _, _ = inputs
+    _, _, h32, lse, _ = output
+    ctx.has_token, ctx.hand_on = has_token, hand_on
+    ctx.save_for_backward(q, gamma, shift, scale, h32, lse, *sources)
+    ctx.set_materialize_grads(False)  # an unused output (h, a token) must cost no zero-filled gradient
 
 
-def _backward(ctx, dx, dh):
-    q, gamma, shift, scale, *sources = ctx.saved_tensors
+def _backward(ctx, dx, dh, _h32, _lse, dtokens):
+    q, gamma, shift, scale, h32, lse, *sources = ctx.saved_tensors
     dx = torch.zeros_like(sources[0]) if dx is None else dx
     dh = None if dh is None or dh.numel() == 0 else dh
-    dsources, dq, dgamma, dshift, dscale = _mix_backward_op(sources, q, gamma, shift, scale, dx, dh)
+    later = iter(dtokens)  # the gradients of the tokens handed on: buffers a later reader filled, or None
+    dsources, accumulate = [], []
+    for v, handed in zip(sources, ctx.hand_on):
+        buffer = next(later) if handed else None
+        accumulate.append(buffer is not None)
+        dsources.append(buffer if buffer is not None else torch.empty_like(v, memory_format=torch.contiguous_format))
+    dq, dgamma, dshift, dscale = _mix_backward_op(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx,
+                                                  dh)
     if shift is None:
         dshift = dscale = None
-    return dsources, dq, dgamma, dshift, dscale, None
+    # The buffer goes back to v_i from its first reader, else to the token this reader was given.
+    dv = [None if has else g for has, g in zip(ctx.has_token, dsources)]
+    dtokens_in = [g for has, g in zip(ctx.has_token, dsources) if has]
+    return dv, dtokens_in, None, None, dq, dgamma, dshift, dscale, None, None
 
 
 _mix_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_mix(sources, q, gamma, shift=None, scale=None, need_h=False):
-    """dar.mix's function on the fused kernel: returns (x, h, None); h is None unless need_h (the routing
-    weights are never materialised here, so the third entry is always None)."""
-    x, h = _mix_op(list(sources), q, gamma, shift, scale, need_h)
+    """dar.mix's function on the fused kernel: returns (x, h, None); h is None unless need_h (the routing weights
+    are never materialised here, so the third entry is always None)."""
+    x, h, _ = fused_mix_with_tokens(sources, [None] * len(sources), [False] * len(sources), q, gamma, shift, scale,
+                                    need_h)
+    return x, h, None
+
+
+def fused_mix_with_tokens(sources, tokens, hand_on, q, gamma, shift=None, scale=None, need_h=False):
+    """fused_mix for an aggregation that shares its sources' gradient buffers with their other readers (see the
+    comment above _mix_op). tokens: for each source, the token its previous reader handed on, or None for its
+    first reader; hand_on: for each source, whether a later aggregation reads it. Returns (x, h, new_tokens),
+    new_tokens holding the tokens of the sources handed on, in order."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*sources, q, gamma, shift, scale))
+    x, h, _, _, new_tokens = _mix_op(list(sources), [t for t in tokens if t is not None],
+                                     [t is not None for t in tokens], list(hand_on), q, gamma, shift, scale, need_h, grad)
     if shift is None:
-        return x, (x if need_h else None), None
-    return x, (h if need_h else None), None
+        h = x
+    return x, (h if need_h else None), new_tokens
 
 
 #################################################################################

@@ -252,7 +252,8 @@ class SiT(nn.Module):
 
         x: (B, C, H, W) the noisy input x_t; t: (B,) in [0, 1]; y: (B,) labels, num_classes = null class.
         Returns (B, C, H, W). With return_states and/or return_weights, returns (velocity, extras) with
-          extras["z"]      list of depth tensors (B, T, d): z_k, the state after block k (design.md section 2)
+          extras["z"]      list of depth tensors (B, T, d): z_k, the state after block k (design.md section 2);
+                           return_states may name the blocks k wanted (REPA: {8}), the others are then None
           extras["alpha"]  list of L + 1 tensors (B, T, |S_l|): each aggregator's routing weights (DAR;
                            empty for residual); asking for them runs DAR on the reference path.
         """
@@ -260,15 +261,17 @@ class SiT(nn.Module):
         v0 = self.x_embedder(x) + self.pos_embed  # (B, T, d)
         e = self.t_embedder(t)  # (B, d)
         c = e + self.y_embedder(y)  # (B, d)
-        extras = {"z": [], "alpha": []}
+        depth = self.config.depth
+        need_z = set(range(1, depth + 1)) if return_states is True else set(return_states or ())
+        extras = {"z": [None] * depth, "alpha": []}
         if self.config.routing == "residual":
             h = v0
-            for block in self.blocks:
+            for k, block in enumerate(self.blocks, start=1):
                 h = self._maybe_checkpoint(block, h, c)
-                self._record(extras, return_states, h, None)
+                self._record(extras, k in need_z, h, None, k)
             out = self.final_layer(h, c)  # (B, T, p * p * C_out)
         else:
-            out = self.forward_dar(v0, c, e, extras, need_z=return_states, need_alpha=return_weights)
+            out = self.forward_dar(v0, c, e, extras, need_z, need_alpha=return_weights)
         out = self.unpatchify(out)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]
@@ -276,7 +279,7 @@ class SiT(nn.Module):
             return out
         return out, {key: extras[key] for key, wanted in (("z", return_states), ("alpha", return_weights)) if wanted}
 
-    def forward_dar(self, v0, c, e, extras, need_z=False, need_alpha=False):
+    def forward_dar(self, v0, c, e, extras, need_z=(), need_alpha=False):
         """The blocks and the final LayerNorm + modulate under DAR; returns the final linear's output."""
         device = v0.device.type
         # (Not torch.amp.is_autocast_available: torch.compile of torch 2.11 cannot trace it. Meta tensors, which
@@ -285,18 +288,21 @@ class SiT(nn.Module):
             v0 = v0.to(torch.get_autocast_dtype(device))  # one dtype for all sources, as the kernel reads them
         L = 2 * self.config.depth
         vs = {0: v0.contiguous()}  # the live sources v_i
+        tokens = {}  # the fused kernel's handles on each source's shared gradient buffer (dar.Routers.forward)
         for k, block in enumerate(self.blocks):
             for j, ((shift, scale, gate), f) in enumerate(zip(block.modulations(c), (block.attn, block.mlp))):
                 l = 2 * k + j + 1
-                is_z = need_z and j == 0 and k > 0  # z_k is h_{2k+1}, the aggregated input of block k + 1's attention
-                x, h, alpha = self.routers(l, vs, e, shift, scale, is_z, need_alpha)  # x = modulate(LN(h_l))
-                self._record(extras, is_z, h, alpha)
+                is_z = j == 0 and k > 0 and k in need_z  # z_k is h_{2k+1}, the aggregated input of block k + 1's attention
+                x, h, alpha = self.routers(l, vs, e, shift, scale, is_z, need_alpha, tokens)  # x = modulate(LN(h_l))
+                self._record(extras, is_z, h, alpha, k)
                 vs[l] = gate.unsqueeze(1) * self._maybe_checkpoint(f, x)  # v_l, gate included
                 for i in [i for i in vs if self.routers.last_reader[i] == l]:
                     del vs[i]
+                    tokens.pop(i, None)
         shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
-        x, h, alpha = self.routers(L + 1, vs, e, shift, scale, need_z, need_alpha)  # z_depth: the final aggregate
-        self._record(extras, need_z, h, alpha)
+        is_z = L // 2 in need_z  # z_depth: the final aggregate
+        x, h, alpha = self.routers(L + 1, vs, e, shift, scale, is_z, need_alpha, tokens)
+        self._record(extras, is_z, h, alpha, L // 2)
         return self.final_layer.linear(x)
 
     def _maybe_checkpoint(self, f, *args):
@@ -305,9 +311,9 @@ class SiT(nn.Module):
         return f(*args)
 
     @staticmethod
-    def _record(extras, is_z, h, alpha):
+    def _record(extras, is_z, h, alpha, k):
         if is_z:
-            extras["z"].append(h)
+            extras["z"][k - 1] = h
         if alpha is not None:
             extras["alpha"].append(alpha)
 

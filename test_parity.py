@@ -315,7 +315,7 @@ def resources(compiled):
     return " ".join(w for w in out.split() if w.startswith(("REG:", "STACK:")))
 
 
-table, f = torch.empty(1, dtype=torch.int64), torch.empty(1)
+table, flags, f = torch.empty(1, dtype=torch.int64), torch.empty(1, dtype=torch.int32), torch.empty(1)
 for D, q_mode, mod, dtype, configs in [(1152, 2, True, torch.bfloat16, kernel.CONFIGS),
                                        (1152, 0, False, torch.float32, kernel.CONFIGS[:1]),
                                        (100, 1, True, torch.float32, kernel.CONFIGS[:1])]:
@@ -324,10 +324,10 @@ for D, q_mode, mod, dtype, configs in [(1152, 2, True, torch.bfloat16, kernel.CO
     x = torch.empty(1, dtype=dtype)
     for c in configs:
         launch = dict(num_warps=c.num_warps, **c.kwargs, **meta)
-        fwd = kernel._mix_fwd_kernel.fn.warmup(table, 57, 64, f, f, f, f, x, x, 16, Q_MODE=q_mode, HAS_MOD=mod,
-                                               STORE_H=mod, grid=(1,), **launch)
-        bwd = kernel._mix_bwd_kernel.fn.warmup(table, table, 57, 64, f, f, f, f, x, x, f, f, 16, 2, 8, Q_MODE=q_mode,
-                                               HAS_MOD=mod, HAS_DH=mod, grid=(1, 1), **launch)
+        fwd = kernel._mix_fwd_kernel.fn.warmup(table, 57, 64, f, f, f, f, x, x, f, f, 16, 6 * D, Q_MODE=q_mode,
+                                               HAS_MOD=mod, STORE_H=mod, SAVE=True, grid=(1,), **launch)
+        bwd = kernel._mix_bwd_kernel.fn.warmup(table, table, flags, 57, 64, f, f, f, f, f, f, x, x, f, f, 16, 2, 8,
+                                               6 * D, Q_MODE=q_mode, HAS_MOD=mod, HAS_DH=mod, grid=(1, 1), **launch)
         sizes = [len(k.asm["cubin"]) for k in (fwd, bwd)]
         assert min(sizes) > 0, sizes
         print(f"d={D} q_mode={q_mode} LN={mod} {str(dtype)[6:]} U={c.kwargs['U']} warps={c.num_warps}: "

@@ -153,7 +153,7 @@ class Trainee(nn.Module):
     def forward(self, x, t, y):
         if self.projector is None:
             return self.model(x, t, y), None
-        v, extras = self.model(x, t, y, return_states=True)
+        v, extras = self.model(x, t, y, return_states={self.repa_depth})  # only z_k: no other state is kept
         return v, self.projector(extras["z"][self.repa_depth - 1])
 
 
