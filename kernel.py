@@ -384,6 +384,29 @@ def mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse
     return dq, dgamma, part[-2].sum(1).to(shift.dtype), part[-1].sum(1).to(scale.dtype)
 
 
+def traffic(op, args, sms):
+    """[(bytes read + written, launches)] of one call of dar::mix or dar::mix_backward as their loops run on a
+    GPU with `sms` SMs (traffic.py counts training steps with it): the kernel, then (backward) the sums of its
+    partials. args are the op's arguments; only their shapes and dtypes are read."""
+    nbytes = lambda t: t.numel() * t.element_size() if t is not None else 0
+    if op == "mix":
+        sources, _, _, _, q, gamma, shift, scale, store_h, save = args
+        v = sources[0]
+        B, T, D = v.shape
+        written = nbytes(v) * (1 + (store_h and shift is not None)) + (B * T * D * 4 + B * T * 4) * save
+        return [(len(sources) * nbytes(v) + nbytes(q) + nbytes(gamma) + nbytes(shift) + nbytes(scale) + written, 1)]
+    sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, dh = args
+    v = sources[0]
+    B, T, D = v.shape
+    J = math.ceil(T / max(1, min(T, math.ceil(B * T / (2 * sms)))))  # as _rows_per_program on such a GPU
+    planes = 1 + (q.dim() < 3) + 2 * (shift is not None)
+    part = planes * B * J * D * 4
+    read = (len(sources) + sum(accumulate)) * nbytes(v) + nbytes(q) + nbytes(gamma) + nbytes(scale) + nbytes(h32) \
+        + nbytes(lse) + nbytes(dx) + nbytes(dh)
+    written = len(sources) * nbytes(v) + (nbytes(q) if q.dim() == 3 else 0) + part
+    return [(read + written, 1), (part + planes * B * D * 4, planes)]
+
+
 #################################################################################
 #                 Custom ops: autograd, autocast, torch.compile                 #
 #################################################################################

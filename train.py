@@ -94,6 +94,8 @@ def parse_args(argv=None):
     a.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
     a.add_argument("--bench", action="store_true", help="time training steps and exit; without --data-path "
                    "or --data, on random latents of ImageNet's shape")
+    a.add_argument("--traffic", action="store_true", help="with --bench: count the bytes and kernels of one step "
+                   "for every routing on fake tensors (no GPU, no data; traffic.py) instead of timing")
     args = p.parse_args(argv)
 
     if args.data and args.data_path or not (args.data or args.data_path or args.bench):
@@ -198,6 +200,9 @@ def peak_flops(device, precision):
 #################################################################################
 
 def main(args):
+    if args.traffic:
+        import traffic  # a measuring instrument, not part of the recipe
+        return traffic.report(args)
     # 1. Processes, devices, precision.
     rank, world, device = setup_distributed()
     master = rank == 0
