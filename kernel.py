@@ -9,17 +9,18 @@ the logits, the weights and the weighted sum as separate ops, and autograd keeps
 (B, T, N, d) intermediates alive until the backward: each source is read about four times forward and the
 activation memory grows with N (N = 57 for dense routing at SiT-XL/2). Here:
 - forward: one program per row streams the sources once with an online softmax (running max m, running sum Z,
-  running weighted sum), all in fp32 registers, and writes x (and h when asked). Nothing else is stored;
-- backward: pass 1 streams the sources again to recover m, Z and h; pass 2 streams them once more to
-  recompute each key and weight and emit dv_i; dq, dgamma, dscale and dshift are summed per program in fp32
-  registers and the per-program partials are summed afterwards in PyTorch (deterministic: no atomics).
+  running weighted sum), all in fp32 registers, and writes x (and h when asked). For the backward it saves only
+  h in fp32 and lse = m + log Z per row;
+- backward: one pass over the sources recomputes each key and weight from lse and emits dv_i, added in place
+  into a gradient buffer that the source's other readers share (see the custom ops below); dq, dgamma, dscale
+  and dshift are summed per program in fp32 registers and the per-program partials are summed afterwards in
+  PyTorch (deterministic: no atomics). Saving h costs 8 bytes per element (4 written, 4 read); recovering it
+  would read all N sources a second time (2N bytes per element in bf16), so saving wins from N = 5 on, and at
+  SiT-XL/2 c4 it saves about a tenth of the aggregations' bytes (train.py --bench --traffic counts them).
 Sources stay separate tensors, never stacked (stacking per layer would make memory quadratic in depth): the
 kernels read a small int64 table of their addresses and loop over it at run time, U sources per step, so U
 rows of loads are in flight at once (U is autotuned with the number of warps). One compiled kernel serves
-every N. The loop used to be unrolled over the sources (a tuple argument; this file up to commit 2420d4e):
-that compiled one kernel per power of two of N, about 27 s per autotune config at N = 57 for sm_90, and its
-backward spilled registers there. This loop compiles in under a second per config and, on Triton 3.9,
-spills nothing at d = 1152.
+every N.
 
     python kernel.py    benchmarks naive vs fused at the SiT-XL/2 working point (needs a CUDA GPU)
 
