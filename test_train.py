@@ -159,20 +159,31 @@ def test_bad_flags_say_what_to_do(tmp_path, capsys):
         train(tmp_path, "--micro-batch-size=3")
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    common = ["--data=shapes", *TINY, "--routing=dynamic", "--global-batch-size=8", "--max-steps=4", "--log-every=1",
-              "--eval-every=2", "--eval-samples=16", "--sample-every=0", "--ckpt-every=4"]
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, kernel):
+    """With kernel=triton the two DDP processes (gloo) run the fused kernel, whose backward accumulates each
+    source's gradient over its readers in place, against one process on the reference path."""
+    if kernel == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the fused kernel needs a GPU or TRITON_INTERPRET=1")
+    common = ["--data=shapes", *TINY, "--image-size=8", "--routing=dynamic", "--chunk=2", "--global-batch-size=8",
+              "--max-steps=4", "--log-every=1", "--eval-every=2", "--eval-samples=16", "--sample-every=0",
+              "--ckpt-every=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = [sys.executable, "train.py", *common, "--micro-batch-size=4", f"--results-dir={tmp_path / 'one'}"]
+    one = [sys.executable, "train.py", *common, "--micro-batch-size=4", "--kernel=torch",
+           f"--results-dir={tmp_path / 'one'}"]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
-           f"--results-dir={tmp_path / 'two'}"]
+           f"--kernel={kernel}", f"--results-dir={tmp_path / 'two'}"]
     for cmd in (one, two):
         subprocess.run(cmd, check=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
     log1, log2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    # Same draws and data; only the order in which the two halves' gradients are summed differs.
+    # Same draws and data; only the order in which the two halves' gradients are summed differs (and, for the
+    # kernel, the order of its fp32 sums).
     np.testing.assert_allclose(losses(log2), losses(log1), rtol=1e-5)
     e1, e2 = ([r["eval_loss"] for r in log if "eval_loss" in r] for log in (log1, log2))
     np.testing.assert_allclose(e2, e1, rtol=1e-5)
+    w1, w2 = (load_checkpoint(str(tmp_path / run / "checkpoints" / "0000004.pt"))["model"] for run in ("one", "two"))
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 #################################################################################
