@@ -19,13 +19,14 @@ activation memory grows with N (N = 57 for dense routing at SiT-XL/2). Here:
   SiT-XL/2 c4 it saves about a tenth of the aggregations' bytes (train.py --bench --traffic counts them).
 Sources stay separate tensors, never stacked (stacking per layer would make memory quadratic in depth): the
 kernels read a small int64 table of their addresses and loop over it at run time, U sources per step, so U
-rows of loads are in flight at once (U is autotuned with the number of warps). One compiled kernel serves
-every N.
+rows of loads are in flight at once. One compiled kernel serves every N. U and the number of warps are pinned
+(PINNED below), so that runs are bit-reproducible; DAR_AUTOTUNE=1 lets the autotuner choose instead.
 
     python kernel.py    benchmarks naive vs fused at the SiT-XL/2 working point (needs a CUDA GPU)
 
 Tests: test_parity.py (on a CPU under TRITON_INTERPRET=1 at small shapes, at full size on a GPU).
 """
+import contextlib
 import math
 import os
 
@@ -37,16 +38,26 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = tl.constexpr(1e-6)  # of the keys' RMSNorm and the output LayerNorm, as in dar.mix and SiT
 
 
-# U: sources loaded per loop step (more bytes in flight per program, more registers), autotuned with the warps.
-CONFIGS = [triton.Config({"U": u}, num_warps=w) for u in (1, 2, 4) for w in (4, 8, 16)]
+# U: sources loaded per loop step (more bytes in flight per program, more registers), with the warps per program.
+# Every (U, warps) the kernels compile to without spilling registers for sm_90 on Triton 3.6 and 3.9
+# (test_parity.py -k hopper): at d = 1152 the backward spills with U = 4 at 4 and 16 warps (3.9) and with U = 2
+# at 4 warps (3.6), so those never run.
+CONFIGS = {"fwd": [triton.Config({"U": u}, num_warps=w) for u in (1, 2, 4) for w in (4, 8, 16)],
+           "bwd": [triton.Config({"U": u}, num_warps=w) for u, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 8))]}
+# The config that runs unless DAR_AUTOTUNE=1. U and the warps set the order of the fp32 sums, so a config chosen
+# by timing (which varies from run to run) would make two runs, or a run and its resumption, differ in the last
+# bits. These are fixed, chosen by registers until a GPU times them (gpu_check.sh prints the autotuner's pick).
+PINNED = {"fwd": triton.Config({"U": 2}, num_warps=8), "bwd": triton.Config({"U": 2}, num_warps=8)}
+AUTOTUNE = os.environ.get("DAR_AUTOTUNE") == "1"
 
 
-def _configs():
-    # Several configs make the autotuner benchmark on a GPU; the interpreter has no GPU to benchmark on, and
-    # U = 4 gives its tests partly padded steps for every N in them but 8.
+def _configs(kind):
+    """The configs kernel `kind` ("fwd" or "bwd") may run: the pinned one, or with DAR_AUTOTUNE=1 all of them
+    (the autotuner times them once per shape and caches its pick on disk, so a restart on the same machine
+    keeps it). The interpreter has no GPU to time on, and U = 4 gives its tests partly padded steps."""
     if INTERPRET or not torch.cuda.is_available():
         return [triton.Config({"U": 4}, num_warps=4)]
-    return CONFIGS
+    return CONFIGS[kind] if AUTOTUNE else [PINNED[kind]]
 
 
 #################################################################################
@@ -115,12 +126,13 @@ def _layer_norm(h, mask, D: tl.constexpr):
     return hc * rstd, rstd
 
 
-@triton.autotune(configs=_configs(), key=["D", "NB", "Q_MODE", "HAS_MOD", "STORE_H", "SAVE"])
+@triton.autotune(configs=_configs("fwd"), key=["D", "NB", "Q_MODE", "HAS_MOD", "STORE_H", "SAVE"],
+                 cache_results=True)
 @triton.jit(do_not_specialize=["N", "NB"])
 def _mix_fwd_kernel(
     SRC,  # (N,) int64: the addresses of the sources v_i, each (M, D) contiguous
     N,  # number of sources
-    NB,  # N rounded up to a power of two: the autotuner picks a config per such class of N
+    NB,  # N rounded up to a power of two: with DAR_AUTOTUNE=1, a config is picked per such class of N
     Q,  # query: (D,), (B, D) or (M, D) by Q_MODE
     GAMMA,  # (D,) RMSNorm gain of the keys
     SHIFT,  # (B, D) adaLN shift, rows MOD_STRIDE apart (read when HAS_MOD)
@@ -139,7 +151,7 @@ def _mix_fwd_kernel(
     STORE_H: tl.constexpr,  # also write h
     SAVE: tl.constexpr,  # also write what the backward reads: h in fp32 and the log-sum-exp
     SM_SCALE: tl.constexpr,  # 1 / sqrt(D)
-    U: tl.constexpr,  # sources per loop step (autotuned)
+    U: tl.constexpr,  # sources per loop step (a config: PINNED, or autotuned)
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BD)
@@ -162,7 +174,7 @@ def _mix_fwd_kernel(
     tl.store(X + base + offs, x.to(X.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["D", "NB", "Q_MODE", "HAS_MOD", "HAS_DH"])
+@triton.autotune(configs=_configs("bwd"), key=["D", "NB", "Q_MODE", "HAS_MOD", "HAS_DH"], cache_results=True)
 @triton.jit(do_not_specialize=["N", "NB"])
 def _mix_bwd_kernel(
     SRC,  # (N,) int64 source addresses, as in the forward
@@ -268,6 +280,12 @@ def _aligned(t):
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def _on(device):
+    """Launch on the inputs' device, not on whichever CUDA device is current (a model on cuda:1 while cuda:0 is
+    current would otherwise run its kernels against the wrong device's context)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _table(tensors):
     """The tensors' addresses as an int64 tensor on their device, the kernels' table of sources. It is built in
     pinned memory and copied without blocking, so the host never waits for the GPU to drain its queue."""
@@ -334,10 +352,11 @@ def mix_forward(sources, q, gamma, shift, scale, store_h, save):
     h32 = torch.empty(B, T, D, **fp32) if save else x.new_empty(0, dtype=torch.float32)
     lse = torch.empty(B, T, **fp32) if save else x.new_empty(0, dtype=torch.float32)
     shift, scale, mod_stride = _modulation(shift, scale, x)
-    _mix_fwd_kernel[(B * T,)](
-        _table(sources), Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, X=x,
-        H=h if store_h else x, H32=h32 if save else x, LSE=lse if save else x, T=T, MOD_STRIDE=mod_stride,
-        Q_MODE=q_mode, HAS_MOD=has_mod, STORE_H=store_h, SAVE=save, **meta)
+    with _on(x.device):
+        _mix_fwd_kernel[(B * T,)](
+            _table(sources), Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, X=x,
+            H=h if store_h else x, H32=h32 if save else x, LSE=lse if save else x, T=T, MOD_STRIDE=mod_stride,
+            Q_MODE=q_mode, HAS_MOD=has_mod, STORE_H=store_h, SAVE=save, **meta)
     return x, h, h32, lse
 
 
@@ -373,11 +392,12 @@ def mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse
     x = sources[0]
     shift, scale, mod_stride = _modulation(shift, scale, x)
     acc = torch.tensor([int(a) for a in accumulate], dtype=torch.int32)
-    _mix_bwd_kernel[(B, J)](
-        _table(sources), _table(dsources), acc.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else acc,
-        Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, H32=h32, LSE=lse,
-        DX=dx.contiguous(), DH=dh.contiguous() if dh is not None else x, DQ=dq_rows, PART=part, T=T, J=J, R=R,
-        MOD_STRIDE=mod_stride, Q_MODE=q_mode, HAS_MOD=has_mod, HAS_DH=dh is not None, **meta)
+    with _on(x.device):
+        _mix_bwd_kernel[(B, J)](
+            _table(sources), _table(dsources), acc.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else acc,
+            Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, H32=h32, LSE=lse,
+            DX=dx.contiguous(), DH=dh.contiguous() if dh is not None else x, DQ=dq_rows, PART=part, T=T, J=J, R=R,
+            MOD_STRIDE=mod_stride, Q_MODE=q_mode, HAS_MOD=has_mod, HAS_DH=dh is not None, **meta)
     dgamma = part[0].sum((0, 1)).to(gamma.dtype)
     dq = {0: lambda: part[1].sum((0, 1)), 1: lambda: part[1].sum(1), 2: lambda: dq_rows}[q_mode]().to(q.dtype)
     if not has_mod:
@@ -436,7 +456,8 @@ def _tokens(like, wanted):
 @torch.library.custom_op("dar::mix", mutates_args=(), **TAGS)
 def _mix_op(sources: list[torch.Tensor], tokens: list[torch.Tensor], has_token: list[bool], hand_on: list[bool],
             q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None,
-            store_h: bool, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+            store_h: bool, save: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     x, h, h32, lse = mix_forward(sources, q, gamma, shift, scale, store_h, save)
     return x, h, h32, lse, _tokens(x, hand_on)
 
@@ -512,9 +533,11 @@ def fused_mix_with_tokens(sources, tokens, hand_on, q, gamma, shift=None, scale=
     comment above _mix_op). tokens: for each source, the token its previous reader handed on, or None for its
     first reader; hand_on: for each source, whether a later aggregation reads it. Returns (x, h, new_tokens),
     new_tokens holding the tokens of the sources handed on, in order."""
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*sources, q, gamma, shift, scale))
+    inputs = (*sources, q, gamma, shift, scale)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     x, h, _, _, new_tokens = _mix_op(list(sources), [t for t in tokens if t is not None],
-                                     [t is not None for t in tokens], list(hand_on), q, gamma, shift, scale, need_h, grad)
+                                     [t is not None for t in tokens], list(hand_on), q, gamma, shift, scale, need_h,
+                                     grad)
     if shift is None:
         h = x
     return x, (h if need_h else None), new_tokens

@@ -65,7 +65,7 @@ VARIANTS = list(itertools.product(("static", "explicit", "dynamic"), (False, Tru
 def cases():
     chosen = [(N, d, *v) for N, d, v in itertools.product(COUNTS, WIDTHS, VARIANTS)]
     name = lambda N, d, q, mod, dt: f"N{N}-d{d}-{q}-{'LN' if mod else 'noLN'}-{str(dt).split('.')[-1]}"
-    return [pytest.param(*c, i % len(kernel._configs()), id=name(*c)) for i, c in enumerate(chosen)]
+    return [pytest.param(*c, i, id=name(*c)) for i, c in enumerate(chosen)]
 
 
 def rel_rms(got, want):
@@ -101,10 +101,12 @@ def make_inputs(N, d, q_kind, mod, dtype, seed=0):
 
 
 def pin_config(monkeypatch, i):
-    """Launch both kernels with autotune config i alone: a single config is run without benchmarking, which
-    for 216 cases of distinct autotuning keys would take longer than the cases."""
-    for k in (kernel._mix_fwd_kernel, kernel._mix_bwd_kernel):
-        monkeypatch.setattr(k, "configs", [k.configs[i]])
+    """Launch each kernel with the i-th of the configs it may run (counted modulo their number) alone: a single
+    config is run without benchmarking, which for 216 cases of distinct autotuning keys would take longer than
+    the cases. On a GPU the cases take every config in turn, autotuned (DAR_AUTOTUNE=1) or not."""
+    for k, kind in ((kernel._mix_fwd_kernel, "fwd"), (kernel._mix_bwd_kernel, "bwd")):
+        configs = kernel.CONFIGS[kind] if GPU else kernel._configs(kind)
+        monkeypatch.setattr(k, "configs", [configs[i % len(configs)]])
 
 
 @launches
@@ -115,7 +117,7 @@ def test_fused_matches_fp64_reference(N, d, q_kind, mod, dtype, config, poison, 
 
 
 @pytest.mark.skipif(not GPU, reason="the interpreter has one autotune config, which the cases above run")
-@pytest.mark.parametrize("i", range(len(kernel._configs())))
+@pytest.mark.parametrize("i", range(max(len(c) for c in kernel.CONFIGS.values())))
 def test_every_autotune_config_matches_fp64_reference(i, poison, monkeypatch):
     """The autotuner may pick any config in training; each must be right at the working point."""
     pin_config(monkeypatch, i)
@@ -179,6 +181,60 @@ def test_sources_that_start_anywhere_in_memory():
     assert rel_rms(x, x_ref) <= TOL[torch.float32]
     for got, want in zip(torch.autograd.grad(x, ker_in, dx), torch.autograd.grad(x_ref, ref_in, dx.double())):
         assert rel_rms(got, want) <= TOL[torch.float32]
+
+
+@launches
+def test_strided_queries_and_modulations_and_ragged_backward_programs(monkeypatch):
+    """A per-token query that is a transposed view (its dq used to be written row-major into a buffer with the
+    view's strides), shift and scale cut from one adaLN output (read through their row stride), and backward
+    programs of R = 2 rows over T = 3 (a full program and a ragged one; on a CPU R is otherwise T)."""
+    monkeypatch.setattr(kernel, "ROWS_PER_PROGRAM", 2)
+    srcs, q, gamma, shift, scale, dx, _ = make_inputs(3, 72, "dynamic", True, torch.float32, seed=4)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (T d, 1, T)
+    ada = torch.cat([shift, scale, torch.randn_like(shift)], dim=1)  # (B, 3 d) as the adaLN output is cut
+    assert not q_t.is_contiguous()
+    inputs = srcs + [q_t, gamma, ada]
+    ref_in = [t.double().requires_grad_() for t in inputs]
+    ker_in = [t.clone().requires_grad_() for t in inputs]
+    run = lambda fn, ts: fn(ts[:3], ts[3], ts[4], ts[5][:, :72], ts[5][:, 72:144])[0]
+    x_ref, x = run(dar.mix, ref_in), run(kernel.fused_mix, ker_in)
+    assert rel_rms(x, x_ref) <= TOL[torch.float32]
+    for name, got, want in zip(["v0", "v1", "v2", "q", "gamma", "adaLN"], torch.autograd.grad(x, ker_in, dx),
+                               torch.autograd.grad(x_ref, ref_in, dx.double())):
+        assert got.shape == want.shape and rel_rms(got, want) <= TOL[torch.float32], name
+
+
+@launches
+@pytest.mark.parametrize("q_kind", ("static", "explicit", "dynamic"))
+def test_custom_ops_pass_opcheck_with_strided_inputs(q_kind):
+    """torch.library.opcheck: schema, autograd registration, fake tensors (the fakes' strides must be the real
+    outputs'), and tracing, with a transposed query and shift and scale that are strided views."""
+    srcs, q, gamma, shift, scale, dx, dh = make_inputs(2, 16, q_kind, True, torch.float32, seed=5)
+    if q_kind == "dynamic":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    ada = torch.cat([shift, scale], dim=1)
+    shift, scale = ada[:, :16], ada[:, 16:]
+    tokens = [torch.zeros(()).expand(srcs[0].shape)]
+    for store_h, save in ((True, True), (False, False)):
+        torch.library.opcheck(kernel._mix_op, (srcs, tokens, [True, False], [False, True], q, gamma, shift, scale,
+                                               store_h, save))
+    _, _, h32, lse, _ = kernel._mix_op(srcs, [], [False, False], [False, False], q, gamma, shift, scale, False, True)
+    buffers = [torch.randn_like(s) for s in srcs]
+    torch.library.opcheck(kernel._mix_backward_op, (srcs, buffers, [True, False], q, gamma, shift, scale, h32, lse,
+                                                    dx.transpose(0, 1).contiguous().transpose(0, 1), dh),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_gpu_runs_the_pinned_configs_unless_autotuning_is_asked_for(monkeypatch):
+    """U and the warps set the order of the fp32 sums: a config picked by timing could differ between two runs or
+    a run and its resumption, so by default each kernel runs one fixed config, one that does not spill."""
+    monkeypatch.setattr(kernel, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for kind in ("fwd", "bwd"):
+        monkeypatch.setattr(kernel, "AUTOTUNE", False)
+        assert kernel._configs(kind) == [kernel.PINNED[kind]] and kernel.PINNED[kind] in kernel.CONFIGS[kind]
+        monkeypatch.setattr(kernel, "AUTOTUNE", True)
+        assert kernel._configs(kind) == kernel.CONFIGS[kind]
 
 
 def test_bad_shapes_are_rejected_with_clear_errors():  # rejected before any launch
@@ -343,22 +399,30 @@ def resources(compiled):
 
 
 table, flags, f = torch.empty(1, dtype=torch.int64), torch.empty(1, dtype=torch.int32), torch.empty(1)
-for D, q_mode, mod, dtype, configs in [(1152, 2, True, torch.bfloat16, kernel.CONFIGS),
-                                       (1152, 0, False, torch.float32, kernel.CONFIGS[:1]),
-                                       (100, 1, True, torch.float32, kernel.CONFIGS[:1])]:
+spills = []
+for D, q_mode, mod, dtype, every in [(1152, 2, True, torch.bfloat16, True), (1152, 0, False, torch.float32, False),
+                                     (100, 1, True, torch.float32, False)]:
     meta = kernel._meta([torch.empty(1, 1, D, dtype=dtype)])
     del meta["N"], meta["NB"]
     x = torch.empty(1, dtype=dtype)
-    for c in configs:
-        launch = dict(num_warps=c.num_warps, **c.kwargs, **meta)
-        fwd = kernel._mix_fwd_kernel.fn.warmup(table, 57, 64, f, f, f, f, x, x, f, f, 16, 6 * D, Q_MODE=q_mode,
-                                               HAS_MOD=mod, STORE_H=mod, SAVE=True, grid=(1,), **launch)
-        bwd = kernel._mix_bwd_kernel.fn.warmup(table, table, flags, 57, 64, f, f, f, f, f, f, x, x, f, f, 16, 2, 8,
-                                               6 * D, Q_MODE=q_mode, HAS_MOD=mod, HAS_DH=mod, grid=(1, 1), **launch)
-        sizes = [len(k.asm["cubin"]) for k in (fwd, bwd)]
-        assert min(sizes) > 0, sizes
-        print(f"d={D} q_mode={q_mode} LN={mod} {str(dtype)[6:]} U={c.kwargs['U']} warps={c.num_warps}: "
-              f"cubin bytes {sizes}; forward {resources(fwd)}, backward {resources(bwd)}")
+    case = f"d={D} q_mode={q_mode} LN={mod} {str(dtype)[6:]}"
+    for kind in ("fwd", "bwd"):
+        for c in kernel.CONFIGS[kind] if every else kernel.CONFIGS[kind][:1]:
+            launch = dict(num_warps=c.num_warps, **c.kwargs, **meta)
+            if kind == "fwd":
+                compiled = kernel._mix_fwd_kernel.fn.warmup(table, 57, 64, f, f, f, f, x, x, f, f, 16, 6 * D,
+                                                            Q_MODE=q_mode, HAS_MOD=mod, STORE_H=mod, SAVE=True,
+                                                            grid=(1,), **launch)
+            else:
+                compiled = kernel._mix_bwd_kernel.fn.warmup(table, table, flags, 57, 64, f, f, f, f, f, f, x, x, f, f,
+                                                            16, 2, 8, 6 * D, Q_MODE=q_mode, HAS_MOD=mod, HAS_DH=mod,
+                                                            grid=(1, 1), **launch)
+            assert len(compiled.asm["cubin"]) > 0
+            used = resources(compiled)
+            print(f"{case} {kind} U={c.kwargs['U']} warps={c.num_warps}: {used}")
+            if "STACK:" in used and "STACK:0" not in used:
+                spills.append(f"{case} {kind} U={c.kwargs['U']} warps={c.num_warps}: {used}")
+print("spills:", spills)
 """
 
 
@@ -371,5 +435,7 @@ def test_kernels_compile_for_hopper():
     if run.returncode == 3:
         pytest.skip(run.stdout.strip())
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("cubin bytes") == len(kernel.CONFIGS) + 2
+    compiled = [line for line in run.stdout.splitlines() if line.startswith("d=")]
+    assert len(compiled) == len(kernel.CONFIGS["fwd"]) + len(kernel.CONFIGS["bwd"]) + 4
+    assert "spills: []" in run.stdout, run.stdout  # every config the kernels may run keeps its registers
     print(run.stdout)

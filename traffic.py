@@ -96,7 +96,8 @@ class Traffic(TorchDispatchMode):
             group = "other elementwise"
         else:  # after the backward, outside autograd: clipping, AdamW, EMA
             group = "optimizer + EMA"
-        flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out) if func._overloadpacket in flop_registry else 0
+        flop_formula = flop_registry.get(func._overloadpacket)
+        flops = flop_formula(*args, **kwargs, out_val=out) if flop_formula else 0
         self.charge(group, nbytes, 1, flops)
         return out
 
