@@ -34,6 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
+if __name__ == "__main__":  # `python kernel.py`: run the imported module, so that its custom ops are registered
+    import kernel  # once (the benchmark's reference, dar.py, imports this file too)
+
+    raise SystemExit(kernel.main())
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = tl.constexpr(1e-6)  # of the keys' RMSNorm and the output LayerNorm, as in dar.mix and SiT
 
@@ -551,20 +556,40 @@ def benchmark(batch=32, T=256, d=1152, counts=(5, 9, 18, 57), dtype=torch.bfloat
     """Naive (dar.mix under autograd, as the model runs it) vs fused, with a per-token (dynamic) query, printed
     as one table: forward / backward / both times and speed-ups, the fused path's GB/s against the minimum
     bytes each pass must move and as a fraction of a device-to-device copy measured in the same run, and the
-    peak memory each path allocates above its inputs in the forward and in the backward."""
-    from triton import testing
+    peak memory each path allocates above its inputs in the forward and in the backward. On a CPU (under
+    TRITON_INTERPRET=1, for gpu_check.py --smoke) the times are wall-clock medians and there is no memory."""
+    import time
 
     import dar
 
-    do_bench = lambda fn: testing.do_bench(fn, return_mode="median")  # its default summary is the mean
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    if cuda:
+        from triton import testing
 
-    device = torch.device("cuda")
+        do_bench = lambda fn: testing.do_bench(fn, return_mode="median")  # its default summary is the mean
+    else:
+        def do_bench(fn, reps=3):
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return sorted(times)[reps // 2]
+
+    def peak_above(fn, base):
+        if not cuda:
+            return float("nan"), fn()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        return torch.cuda.max_memory_allocated() - base, out
+
     torch.backends.cuda.matmul.allow_tf32 = False
     io = batch * T * d * torch.tensor([], dtype=dtype).element_size()  # bytes of one (B, T, d) tensor
     big = torch.empty(16 * io, dtype=torch.uint8, device=device)
     copy_gbs = 2 * big.numel() / do_bench(lambda: big.clone()) / 1e6
-    print(f"{torch.cuda.get_device_name(device)}: B = {batch}, T = {T}, d = {d}, {dtype}, per-token query; "
-          f"device-to-device copy {copy_gbs:.0f} GB/s")
+    name = torch.cuda.get_device_name(device) if cuda else "CPU (Triton interpreter)"
+    print(f"{name}: B = {batch}, T = {T}, d = {d}, {dtype}, per-token query; device-to-device copy {copy_gbs:.0f} GB/s")
     head = (f"{'N':>3} {'LN':>3} | {'naive ms fwd':>12} {'bwd':>7} {'f+b':>7} | {'fused ms fwd':>12} {'bwd':>7} "
             f"{'f+b':>7} | {'speed-up fwd':>12} {'bwd':>6} {'f+b':>6} | {'GB/s fwd':>8} {'bwd':>6} | "
             f"{'of copy fwd':>11} {'bwd':>5} | {'peak MB fwd':>11} {'fused':>6} {'saved':>6} | "
@@ -580,36 +605,40 @@ def benchmark(batch=32, T=256, d=1152, counts=(5, 9, 18, 57), dtype=torch.bfloat
             inputs = srcs + [q, gamma] + ([shift, scale] if mod else [])
             dx = torch.randn(batch, T, d, dtype=dtype, device=device)
             res = {}
-            for name, fn in (("naive", dar.mix), ("fused", fused_mix)):
+            for path, fn in (("naive", dar.mix), ("fused", fused_mix)):
                 fwd = lambda: fn(*args)[0]
                 both = lambda: torch.autograd.grad(fwd(), inputs, dx)
                 t_fwd, t_both = do_bench(fwd), do_bench(both)
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                out = fwd()
-                peak_fwd = torch.cuda.max_memory_allocated() - base
-                torch.cuda.reset_peak_memory_stats()
-                grads = torch.autograd.grad(out, inputs, dx)
-                peak_bwd = torch.cuda.max_memory_allocated() - base
+                if cuda:
+                    torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated() if cuda else 0
+                peak_fwd, out = peak_above(fwd, base)
+                peak_bwd, grads = peak_above(lambda: torch.autograd.grad(out, inputs, dx), base)
                 del out, grads
-                res[name] = (t_fwd, t_both - t_fwd, t_both, peak_fwd / 1e6, peak_bwd / 1e6)
+                res[path] = (t_fwd, t_both - t_fwd, t_both, peak_fwd / 1e6, peak_bwd / 1e6)
             (nf, nb, nfb, nmf, nmb), (ff, fb, ffb, fmf, fmb) = res["naive"], res["fused"]
             fwd_bytes = (N + 2) * io  # read the N sources and q once, write x
-            bwd_bytes = (3 * N + 3) * io  # read the sources twice and q, write every dv_i and dq, read dx
+            bwd_bytes = (2 * N + 3) * io  # read the sources and q once, write every dv_i and dq, read dx
             gbs_f, gbs_b = fwd_bytes / ff / 1e6, bwd_bytes / fb / 1e6
             print(f"{N:>3} {'yes' if mod else 'no':>3} | {nf:>12.3f} {nb:>7.3f} {nfb:>7.3f} | {ff:>12.3f} {fb:>7.3f} "
                   f"{ffb:>7.3f} | {nf / ff:>11.1f}x {nb / fb:>5.1f}x {nfb / ffb:>5.1f}x | {gbs_f:>8.0f} {gbs_b:>6.0f} | "
                   f"{gbs_f / copy_gbs:>11.0%} {gbs_b / copy_gbs:>5.0%} | {nmf:>11.0f} {fmf:>6.0f} {1 - fmf / nmf:>6.0%} | "
                   f"{nmb:>11.0f} {fmb:>6.0f} {1 - fmb / nmb:>6.0%}")
-    print("LN: with the fused LayerNorm + adaLN modulate. Times: triton.testing.do_bench medians; bwd = (fwd+bwd) - fwd."
-          "\nGB/s: minimum bytes (forward reads every source and q once and writes x; backward reads every source"
-          "\ntwice, q and dx once, and writes every dv_i and dq) over the fused time. Peak MB: allocated above the"
-          "\ninputs during the forward (output included) and during the backward (the gradients included).")
+    print("LN: with the fused LayerNorm + adaLN modulate. Times: medians (triton.testing.do_bench on a GPU); bwd ="
+          "\n(fwd+bwd) - fwd. GB/s: minimum bytes (forward reads every source and q once and writes x; backward"
+          "\nreads every source, q and dx once and writes every dv_i and dq) over the fused time. Peak MB: allocated"
+          "\nabove the inputs during the forward (output included) and during the backward (the gradients included).")
 
 
-if __name__ == "__main__":
-    if not torch.cuda.is_available():
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="naive vs fused DAR aggregation at the SiT-XL/2 working point")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, so that a CPU runs it under TRITON_INTERPRET=1")
+    if p.parse_args(argv).smoke:
+        benchmark(batch=2, T=4, d=16, counts=(2, 3), dtype=torch.float32)
+    elif not torch.cuda.is_available():
         raise SystemExit("python kernel.py benchmarks on a CUDA GPU; on a CPU run the parity tests instead: "
-                         "python -m pytest -q test_parity.py")
-    benchmark()
+                         "python -m pytest -q test_parity.py (or python kernel.py --smoke under TRITON_INTERPRET=1)")
+    else:
+        benchmark()
