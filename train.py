@@ -94,6 +94,8 @@ def parse_args(argv=None):
     a.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
     a.add_argument("--bench", action="store_true", help="time training steps and exit; without --data-path "
                    "or --data, on random latents of ImageNet's shape")
+    a.add_argument("--bench-steps", type=int, default=20, help="with --bench: steps timed (after up to 5 "
+                   "warm-up steps)")
     a.add_argument("--traffic", action="store_true", help="with --bench: count the bytes and kernels of one step "
                    "for every routing on fake tensors (no GPU, no data; traffic.py) instead of timing")
     args = p.parse_args(argv)
@@ -520,8 +522,10 @@ def drop_log_after(path, step):
 #                                   Benchmark                                   #
 #################################################################################
 
-def bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum, warmup=5, steps=20):
+def bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum):
     """Time full training steps (forward, backward, optimiser, EMA) on data drawn like training's."""
+    steps = args.bench_steps
+    warmup = min(5, steps)
     stream = Stream(data, args.global_batch_size, args.seed, device)
     per_rank = args.global_batch_size // world
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
