@@ -5,22 +5,29 @@ computes them, in plain PyTorch: no TensorFlow, no torchvision.
     python fid.py VIRTUAL_imagenet256_labeled.npz samples/xl2.npz     # ADM's reference batch vs sample.py's
     python fid.py --make-ref shapes --image-size 16 --num 10000 ref_shapes16.npz     # a toy reference batch
 
-What makes the numbers ADM's (facts: ../shared/notes/fid.md):
+What makes the numbers ADM's:
   - the FID Inception network with the TF 2015-12-05 weights (pt_inception-2015-12-05-6726825d.pth, a plain
-    state dict in torchvision's names), and the TF graph's pooling quirks: average pools exclude the padding,
-    Mixed_7c's pool branch is a max pool;
-  - inputs resized to 299 by TensorFlow 1's bilinear rule (source pixel i * in / out, no half-pixel offset),
-    then (x - 128) / 128;
+    state dict in torchvision's names, whose BatchNorm counters are dropped on loading), and the TF graph's
+    pooling quirks: average pools exclude the padding, Mixed_7c's pool branch is a max pool;
+  - inputs resized to 299 by TensorFlow 1's bilinear rule (source pixel i * in / out, no half-pixel offset,
+    blended along the width, then the height), then (x - 128) / 128;
   - FID on pool_3 (2048); sFID on the first 7 channels of Mixed_6d.branch1x1 flattened in (h, w, c) order
     (17 x 17 x 7 = 2023); IS from softmax(pool_3 @ W) over 1008 classes without the bias, in consecutive
-    splits of 5000; precision and recall with k = 3 nearest-neighbour balls on pool_3;
+    splits of 5000; precision and recall with k = 3 nearest-neighbour balls on pool_3, from pairwise squared
+    distances computed in float16 as ADM's evaluator does (--exact-distances: float32);
   - statistics in float64 with ddof = 1; the reference's mu, sigma, mu_s, sigma_s when its .npz has them.
-Differences: the matrix square root is taken by symmetric eigendecompositions (the same value; SciPy's
-sqrtm has broken and changed its signature across versions), and precision/recall distances are float32
-where ADM's are float16 when finite (a difference of about 1e-3 in either).
+Checked against ADM's evaluator itself, run under TensorFlow on fixed inputs (testdata/make_adm_fixtures.py
+made testdata/adm_fixtures.json; test_fid.py compares): the resize is bit-identical, FID and sFID agree to
+5e-8 relative, IS to 5e-7, and precision and recall to within one image of a few hundred (0.0033 at most:
+TensorFlow's float16 sums round in an order this emulation does not reproduce; with float32 distances the gap
+was up to 0.013). The matrix square root is taken by symmetric eigendecompositions (the same value; SciPy's
+sqrtm has broken and changed its signature across versions). Not compared: the Inception network against the
+TF graph (a download); the review that asked for these fixtures found it equal to pytorch-fid's port of that
+graph (pool_3 to 4e-7 on identical random weights).
 """
 import argparse
 import json
+import warnings
 import zipfile
 
 import numpy as np
@@ -179,8 +186,10 @@ class InceptionV3(nn.Module):
 
 
 def tf1_resize(x, size):
-    """TensorFlow 1's bilinear resize (align_corners=False, no half-pixel centres): output pixel i reads the
-    source at i * in / out, blending rows then columns. (B, C, H, W) float -> (B, C, size, size)."""
+    """TensorFlow 1's bilinear resize (align_corners=False, no half-pixel centres), bit for bit: output pixel i
+    reads the source at i * in / out (in float32), and, in TensorFlow's order, the two source rows are each
+    blended along the width first, then the two results along the height. (B, C, H, W) float32 -> (B, C, size,
+    size)."""
 
     def axis(n):
         src = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
@@ -188,8 +197,13 @@ def tf1_resize(x, size):
         return lo, (lo + 1).clamp(max=n - 1), src - lo
 
     (top, bottom, fy), (left, right, fx) = axis(x.shape[2]), axis(x.shape[3])
-    rows = x[:, :, top] + (x[:, :, bottom] - x[:, :, top]) * fy[:, None]
-    return rows[..., left] + (rows[..., right] - rows[..., left]) * fx
+
+    def along_width(rows):
+        r = x[:, :, rows]
+        return r[..., left] + (r[..., right] - r[..., left]) * fx
+
+    upper, lower = along_width(top), along_width(bottom)
+    return upper + (lower - upper) * fy[:, None]
 
 
 def load_inception(source=INCEPTION_URL):
@@ -246,6 +260,42 @@ def count_of(path, key="arr_0"):
         return npy_header(f)[0][0]
 
 
+def check_batch(path, role, k=3):
+    """Open and check an ADM-format .npz (role: "reference" or "sample") before any network runs, so that a bad
+    file fails in seconds with a message naming it, not after an hour of Inception passes. Returns the image
+    shape (H, W); warns about what is legal but probably a mistake."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except FileNotFoundError:
+        raise ValueError(f"{role} batch {path}: no such file") from None
+    except zipfile.BadZipFile:
+        raise ValueError(f"{role} batch {path} is not an .npz (zip) file: write one with np.savez(path, arr_0=images), "
+                         "or let sample.py --num-fid-samples write it") from None
+    batches = npz_batches(path, 64)  # checks arr_0: present, N x H x W x 3, uint8, not Fortran order
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(f"{role} batch {path}: arr_0 holds no images")
+    n = count_of(path)
+    if n < k + 1:
+        raise ValueError(f"{role} batch {path} holds {n} images; precision and recall need at least {k + 1} (each "
+                         f"image's {k} nearest neighbours)")
+    if role == "reference" and "mu.npy" in names:
+        with np.load(path) as ref:
+            for key, shape in (("mu", (2048,)), ("sigma", (2048, 2048)), ("mu_s", (2023,)), ("sigma_s", (2023, 2023))):
+                if key not in ref.files or ref[key].shape != shape:
+                    found = ref[key].shape if key in ref.files else "missing"
+                    raise ValueError(f"reference batch {path}: {key} must be {shape} (pool_3 and the sFID features), "
+                                     f"found {found}; it was not made with this Inception network")
+    if n < 5000:
+        warnings.warn(f"{role} batch {path} holds {n} images: the Inception Score is a mean over splits of 5000, so "
+                      "with fewer it is one noisy split (published scores use 50,000 samples)")
+    if first.max() <= 1:
+        warnings.warn(f"{role} batch {path}: its first images have no value above 1, as if [0, 1] data were stored "
+                      "as uint8; images must be in [0, 255]")
+    return first.shape[1:3]
+
+
 @torch.no_grad()
 def features(net, batches, total=None, device="cpu"):
     """{"pool", "spatial", "logits"} float64 arrays over all images of the batches."""
@@ -290,31 +340,45 @@ def inception_score(logits, split_size=5000):
     return float(np.mean(scores))
 
 
-def squared_distances(a, b):
+def squared_distances(a, b, half=True):
+    """Pairwise squared distances |a|^2 - 2 a.b + |b|^2, clamped at 0. half=True computes them as ADM's evaluator
+    does, in float16 (its features cast to float16, each step rounded to float16), falling back to float32 for a
+    block where float16 overflows; half=False in float32."""
+    if half:
+        a16, b16 = a.half(), b.half()
+        norm_a = a16.float().square().half().float().sum(1, keepdim=True).half()
+        norm_b = b16.float().square().half().float().sum(1).half()
+        d = ((norm_a - (2 * (a16.float() @ b16.float().T)).half()) + norm_b).clamp(min=0)
+        if torch.isfinite(d).all():
+            return d.float()
     return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)).clamp(min=0)
 
 
-def manifold_radii(feats, k=3, block=10_000):
+def manifold_radii(feats, k=3, block=10_000, half=True):
     """Squared distance of each point to its k-th nearest neighbour (itself excluded: the (k+1)-th smallest
     with itself included, as ADM)."""
-    return torch.cat([squared_distances(feats[i:i + block], feats).kthvalue(k + 1, dim=1).values
+    return torch.cat([squared_distances(feats[i:i + block], feats, half).kthvalue(k + 1, dim=1).values
                       for i in range(0, len(feats), block)])
 
 
-def coverage(points, centres, radii, block=10_000):
+def coverage(points, centres, radii, block=10_000, half=True):
     """Fraction of points inside at least one ball (centre, squared radius), boundary included."""
-    inside = [(squared_distances(points[i:i + block], centres) <= radii).any(1) for i in range(0, len(points), block)]
+    inside = [(squared_distances(points[i:i + block], centres, half) <= radii).any(1)
+              for i in range(0, len(points), block)]
     return torch.cat(inside).double().mean().item()
 
 
-def precision_recall(ref, samples, k=3, device="cpu"):
-    """Improved precision (samples inside the reference manifold) and recall (reference inside the samples')."""
+def precision_recall(ref, samples, k=3, device="cpu", half=True):
+    """Improved precision (samples inside the reference manifold) and recall (reference inside the samples'),
+    with ADM's float16 distances unless half=False."""
     ref, samples = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (ref, samples))
-    return coverage(samples, ref, manifold_radii(ref, k)), coverage(ref, samples, manifold_radii(samples, k))
+    return (coverage(samples, ref, manifold_radii(ref, k, half=half), half=half),
+            coverage(ref, samples, manifold_radii(samples, k, half=half), half=half))
 
 
-def evaluate(ref_path, sample_path, net, device="cpu", batch_size=64):
-    """Every metric of sample_path against ref_path, as a dict."""
+def evaluate(ref_path, sample_path, net, device="cpu", batch_size=64, half=True):
+    """Every metric of sample_path against ref_path, as a dict; half: ADM's float16 distances for precision and
+    recall."""
     acts = {}
     for name, path in (("ref", ref_path), ("samples", sample_path)):
         total = -(-count_of(path) // batch_size)
@@ -325,7 +389,7 @@ def evaluate(ref_path, sample_path, net, device="cpu", batch_size=64):
         else:
             ref_pool, ref_spatial = statistics(acts["ref"]["pool"]), statistics(acts["ref"]["spatial"])
     s = acts["samples"]
-    precision, recall = precision_recall(acts["ref"]["pool"], s["pool"], device=device)
+    precision, recall = precision_recall(acts["ref"]["pool"], s["pool"], device=device, half=half)
     return {"inception_score": inception_score(s["logits"]),
             "fid": frechet_distance(*statistics(s["pool"]), *ref_pool),
             "sfid": frechet_distance(*statistics(s["spatial"]), *ref_spatial),
@@ -351,6 +415,8 @@ def main(argv=None):
     p.add_argument("--inception", default=INCEPTION_URL, help="pt_inception-2015-12-05-6726825d.pth: URL or path")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", help="also write the metrics to this file")
+    p.add_argument("--exact-distances", action="store_true", help="precision and recall from float32 distances "
+                   "instead of ADM's float16 ones (published numbers use ADM's)")
     p.add_argument("--make-ref", choices=("shapes",), help="write a reference batch of the toy data instead")
     p.add_argument("--image-size", type=int, default=32, help="--make-ref: image size")
     p.add_argument("--num", type=int, default=10_000, help="--make-ref: number of images")
@@ -359,9 +425,14 @@ def main(argv=None):
         return make_reference(args.make_ref, args.image_size, args.num, args.files[0])
     if len(args.files) != 2:
         p.error("give two files: REF.npz SAMPLES.npz")
+    ref_size, sample_size = check_batch(args.files[0], "reference"), check_batch(args.files[1], "sample")
+    if ref_size != sample_size:
+        warnings.warn(f"reference images are {ref_size} and samples {sample_size}: both are resized to 299, but FID "
+                      "between different resolutions mostly measures the resolution")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 moves FID
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = evaluate(*args.files, load_inception(args.inception).to(device), device, args.batch_size)
+    metrics = evaluate(*args.files, load_inception(args.inception).to(device), device, args.batch_size,
+                       half=not args.exact_distances)
     for name, label in (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
                         ("precision", "Precision"), ("recall", "Recall")):
         print(f"{label}: {metrics[name]}")

@@ -1,5 +1,6 @@
 """Tests of fid.py (the ADM metrics in PyTorch) and sample.py (samplers, grids, resumable N-sample runs) on the
 CPU, against closed forms, brute force and independent implementations; randomly initialised networks."""
+import json
 import os
 import signal
 import subprocess
@@ -151,10 +152,46 @@ def test_precision_recall_identical_far_apart_and_brute_force():
     samples = rng.standard_normal((45, 5)) * 1.3 + 0.4
     expected = brute_force_precision_recall(ref, samples)
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1
-    assert fid.precision_recall(ref, samples) == pytest.approx(expected, abs=1e-12)
+    assert fid.precision_recall(ref, samples, half=False) == pytest.approx(expected, abs=1e-12)
     r, s = torch.tensor(ref, dtype=torch.float32), torch.tensor(samples, dtype=torch.float32)
-    blocked = fid.coverage(s, r, fid.manifold_radii(r, block=7), block=4)  # blocks of rows give the same
+    blocked = fid.coverage(s, r, fid.manifold_radii(r, block=7, half=False), block=4, half=False)  # blocks alike
     assert blocked == pytest.approx(expected[0], abs=1e-12)
+    assert fid.precision_recall(ref * 1e3, samples * 1e3) == pytest.approx(expected, abs=1e-12)  # float16 overflows:
+    # the float32 fallback, as ADM's
+
+
+#################################################################################
+#                 Against ADM's own evaluator (testdata/adm_fixtures.json)      #
+#################################################################################
+
+sys.path.insert(0, os.path.join(HERE, "testdata"))
+import make_adm_fixtures  # noqa: E402 (the fixtures' inputs; NumPy only)
+
+ADM = json.load(open(os.path.join(HERE, "testdata", "adm_fixtures.json")))
+
+
+@pytest.mark.parametrize("name", sorted(ADM["resize"]))
+def test_tf1_resize_is_bit_identical_to_tensorflow(name):
+    image = make_adm_fixtures.resize_images()[name]
+    ours = fid.tf1_resize(torch.from_numpy(image).permute(0, 3, 1, 2).float(), 299).permute(0, 2, 3, 1).numpy()
+    assert make_adm_fixtures.digest(ours) == ADM["resize"][name]["sha256"]
+
+
+def test_fid_and_inception_score_match_adm():
+    for name, (ref, samples) in make_adm_fixtures.feature_sets().items():
+        ours = fid.frechet_distance(*fid.statistics(samples), *fid.statistics(ref))
+        assert ours == pytest.approx(ADM["fid"][name], rel=1e-6), name
+    for name, logits in make_adm_fixtures.logits_sets().items():
+        assert fid.inception_score(logits, split_size=500) == pytest.approx(ADM["inception_score"][name], rel=1e-6)
+
+
+def test_precision_recall_match_adm_within_one_image():
+    """ADM computes the distances in float16; so does fid.py by default. What is left is the order in which
+    TensorFlow's float16 sums round: at most one image of the few hundred in each set (stated in fid.py)."""
+    for name, (ref, samples) in make_adm_fixtures.feature_sets().items():
+        want = ADM["precision_recall"][name]
+        got = fid.precision_recall(ref, samples)
+        assert abs(got[0] - want[0]) <= 1 / len(samples) + 1e-9 and abs(got[1] - want[1]) <= 1 / len(ref) + 1e-9
 
 
 #################################################################################
@@ -174,6 +211,37 @@ def test_bad_npz_files_say_what_is_wrong(tmp_path):
     np.savez(tmp_path / "good.npz", arr_0=good)
     batches = list(fid.npz_batches(str(tmp_path / "good.npz"), 2))
     assert [len(b) for b in batches] == [2, 1] and np.array_equal(np.concatenate(batches), good)
+
+
+def test_bad_batches_are_refused_before_any_network_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("the network was loaded first"))
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "good.npz", arr_0=good)
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.savez(tmp_path / "key.npz", images=good)
+    np.savez(tmp_path / "empty.npz", arr_0=good[:0])
+    np.savez(tmp_path / "fortran.npz", arr_0=np.asfortranarray(good))
+    np.savez(tmp_path / "few.npz", arr_0=good[:3])
+    np.savez(tmp_path / "mu.npz", arr_0=good, mu=np.zeros(1000), sigma=np.eye(2048), mu_s=np.zeros(2023),
+             sigma_s=np.eye(2023))
+    cases = [("missing.npz", "good.npz", "reference batch .*missing.npz: no such file"),
+             ("text.npz", "good.npz", "text.npz is not an .npz \\(zip\\) file"),
+             ("good.npz", "key.npz", "key.npz has no 'arr_0' array"),
+             ("good.npz", "empty.npz", "empty.npz: arr_0 holds no images"),
+             ("fortran.npz", "good.npz", "must be N x H x W x 3"),
+             ("good.npz", "few.npz", "holds 3 images; precision and recall need at least 4"),
+             ("mu.npz", "good.npz", "mu must be \\(2048,\\).*found \\(1000,\\)")]
+    for ref, samples, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fid.main([str(tmp_path / ref), str(tmp_path / samples)])
+    np.savez(tmp_path / "unit.npz", arr_0=(good > 128).astype(np.uint8))
+    np.savez(tmp_path / "big.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    with pytest.warns(UserWarning) as caught:
+        with pytest.raises(pytest.fail.Exception, match="the network was loaded first"):
+            fid.main([str(tmp_path / "unit.npz"), str(tmp_path / "big.npz")])
+    said = " ".join(str(w.message) for w in caught)
+    assert "splits of 5000" in said and "[0, 1] data" in said and "(8, 8) and samples (16, 16)" in said
 
 
 def test_evaluate_end_to_end_and_reference_statistics(tmp_path):
