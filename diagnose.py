@@ -51,6 +51,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.label and len(args.label) != len(args.ckpt):
         p.error("give one --label per --ckpt, or none")
+    if args.label and len(set(args.label)) != len(args.label):
+        p.error(f"--label names must differ (each names a checkpoint's results), got {args.label}")
     return args
 
 
@@ -367,6 +369,8 @@ def main(args):
                              f"{data.channels}x{data.size}: pass the data it was trained on")
         chunk = "" if cfg.routing == "residual" else " dense" if cfg.chunk == 1 else f" c{cfg.chunk}"
         label = args.label[i] if args.label else cfg.routing + chunk
+        if label in results:  # two checkpoints of one routing: tell them apart by file, never drop one
+            label = f"{label} ({os.path.relpath(path)})"
         results[label] = diagnose(model, data, args, device)
     with open(os.path.join(args.out, "diagnostics.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -9,9 +9,11 @@ t in [0, 1], t = 0 pure noise and t = 1 data; the network predicts the velocity 
 
     python model.py    prints parameter counts and forward GFLOPs of every preset and routing
 """
+import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -369,27 +371,64 @@ def interpolate(x1, eps, t):
 
 
 def save_checkpoint(checkpoint, path):
-    """torch.save to a temporary file, then an atomic rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, then an atomic rename: a crash never leaves a half-written checkpoint.
+    A failed write (a full disk) removes the partial file and says so; earlier checkpoints are untouched."""
     tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"could not write {path} ({e.strerror or e}); the partial file was removed and every "
+                         "earlier checkpoint is kept. Free some space (or fix the directory) and --resume") from None
+
+
+def resolve(source):
+    """The local path of a checkpoint source: a path, or a URL downloaded once into torch.hub's cache."""
+    if "://" not in source:
+        return source
+    # The cached name keeps the URL's path: the ema and mse VAEs share a file name.
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", source.split("://", 1)[1].replace("/", "_"))
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(source, path)
+        except Exception as e:  # noqa: BLE001 (no network, a dead link, a proxy: all end the same way)
+            raise SystemExit(f"could not download {source} ({type(e).__name__}: {e}). Download it on a machine with "
+                             f"network access and give its local path instead, or put it at {path}") from None
+    return path
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_checkpoint(source):
     """A checkpoint or state dict from a local path or a URL (downloaded once into torch.hub's cache), onto
-    the CPU: torch.save files with weights_only=True, .safetensors files by their documented layout."""
-    if "://" in source:
-        # The cached name keeps the URL's path: the ema and mse VAEs share a file name.
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", source.split("://", 1)[1].replace("/", "_"))
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(source, path)
-        source = path
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"no checkpoint at {source}")
-    if source.endswith(".safetensors"):
-        return read_safetensors(source)
-    return torch.load(source, map_location="cpu", weights_only=True)
+    the CPU: torch.save files with weights_only=True, .safetensors files by their documented layout. A file
+    whose name carries a hash prefix (torch.hub's convention, name-<sha256 prefix>.ext) must match it."""
+    path = resolve(source)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes): a copy or download that did not finish; fetch it again")
+    named = re.search(r"-([0-9a-f]{8,})\.[A-Za-z]+$", os.path.basename(path))
+    if named and not sha256_of(path).startswith(named.group(1)):
+        raise ValueError(f"{path} is not the file its name says: its sha256 does not start with {named.group(1)}. "
+                         "It is corrupt or another file; download it again")
+    try:
+        if path.endswith(".safetensors"):
+            return read_safetensors(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch.load's errors for a non-checkpoint are many and cryptic)
+        raise ValueError(f"{path} is not a checkpoint that can be read safely: not a torch.save file of tensors "
+                         f"(it is loaded with weights_only=True, so no code in it ever runs) nor a .safetensors file "
+                         f"({type(e).__name__})") from None
 
 
 def read_safetensors(path):

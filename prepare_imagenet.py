@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 
 import numpy as np
@@ -29,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import setup_distributed, write_manifest
+from model import resolve, sha256_of
 from vae import VAE_URL, load_vae
 
 EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
@@ -78,13 +80,15 @@ def center_crop(image, size):
 
 def load_image(path, size):
     """(uint8 crop, None), or (None, why it was skipped). Grayscale, CMYK, palette and alpha images are
-    converted to RGB."""
+    converted to RGB; 16-bit ones are scaled to 8 bits (PIL's own conversion would clip them to white)."""
     try:
         with Image.open(path) as image:
             image.load()
             w, h = image.size
             if min(w, h) < MIN_SIDE or max(w, h) > MAX_ASPECT * min(w, h):
                 return None, f"{w}x{h} is too small or too elongated"
+            if image.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer grayscale: 0..65535 -> 0..255
+                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             return center_crop(image.convert("RGB"), size), None
     except Exception as e:  # truncated, corrupt, not an image: skip it, never stop a long run
         return None, f"{type(e).__name__}: {e}"
@@ -102,16 +106,30 @@ class Files(torch.utils.data.Dataset):
 
 
 def scan(root):
-    """Class names (sorted folder names) and [(relative path, class index)] in sorted order."""
+    """Class names (sorted folder names) and [(relative path, class index)] in sorted order. A folder that
+    cannot be read, a class folder that leads back into --data-path (its images would be counted twice, under
+    a wrong label) and a tree without images stop the run before anything is written."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise SystemExit(f"{root} has no class folders: point --data-path at a directory of <class>/<image> files")
+    real_root = os.path.realpath(root)
     files = []
+
+    def unreadable(error):
+        raise SystemExit(f"cannot read {error.filename} ({error.strerror}): fix its permissions, or move it out of "
+                         f"{root}; nothing was written")
+
     for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+        folder = os.path.realpath(os.path.join(root, name))
+        if real_root == folder or real_root.startswith(folder + os.sep):
+            raise SystemExit(f"class folder {os.path.join(root, name)} links to {folder}, which contains --data-path "
+                             "itself: its images would be read twice, once under a wrong label. Remove the link")
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), onerror=unreadable):
             dirnames.sort()
             files += [(os.path.relpath(os.path.join(dirpath, f), root), label)
                       for f in sorted(filenames) if f.lower().endswith(EXTENSIONS)]
+    if not files:
+        raise SystemExit(f"the {len(classes)} class folders of {root} hold no image files ({', '.join(EXTENSIONS)})")
     return classes, files
 
 
@@ -171,6 +189,9 @@ def load_plan(args, rank, world):
         dist.barrier()
     with open(path) as f:
         plan = json.load(f)
+    if plan["data_path"] != os.path.abspath(args.data_path):
+        raise SystemExit(f"{args.out} holds the images of {plan['data_path']}, not of {os.path.abspath(args.data_path)}: "
+                         "resuming would mix two datasets. Give the original --data-path, or a new --out")
     if plan["settings"] != settings:
         was = plan["settings"]
         changed = ", ".join(f"{k}: {was[k]} -> {settings[k]}" for k in SETTINGS if was[k] != settings[k])
@@ -179,8 +200,56 @@ def load_plan(args, rank, world):
     return plan
 
 
+class Lock:
+    """One run per output directory: rank 0 holds --out/.lock (its host and pid) while the run lasts. A lock
+    left by a process that died on this host is taken over; one from another host must be removed by hand."""
+
+    def __init__(self, out, rank):
+        self.path, self.held = os.path.join(out, ".lock"), False
+        if rank != 0:
+            return
+        os.makedirs(out, exist_ok=True)
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                with open(self.path, "x") as f:
+                    f.write(me)
+                self.held = True
+                return
+            except FileExistsError:
+                with open(self.path) as f:
+                    host, _, pid = f.read().partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    os.remove(self.path)  # its owner died (killed, or crashed): take over
+                    continue
+                raise SystemExit(f"{out} is being written by another run (pid {pid} on {host}, per {self.path}); "
+                                 f"wait for it, or delete {self.path} if no such run is alive")
+
+    def release(self):
+        if self.held:
+            os.remove(self.path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(args):
     rank, world, device = setup_distributed()
+    lock = Lock(args.out, rank)
+    try:
+        run(args, rank, world, device)
+    finally:
+        lock.release()
+
+
+def run(args, rank, world, device):
     plan = load_plan(args, rank, world)
     files = [tuple(f) for f in plan["files"]]
     num_shards = -(-len(files) // args.shard_size)
@@ -228,7 +297,8 @@ def write_final_manifest(args, plan, names):
     write_manifest(args.out, {
         "count": sum(s["count"] for s in shards), "num_classes": len(plan["classes"]), "classes": plan["classes"],
         "image_size": args.image_size, "latent_shape": [4, args.image_size // 8, args.image_size // 8],
-        "latent_dtype": args.dtype, "vae": args.vae, "precision": args.precision, "images": args.images,
+        "latent_dtype": args.dtype, "vae": args.vae,
+        "vae_sha256": None if args.vae == "random" else sha256_of(resolve(args.vae)), "precision": args.precision, "images": args.images,
         "crop": "ADM center_crop_arr", "flips": ["none", "horizontal"], "source": plan["data_path"],
         "files": len(plan["files"]), "files_sha256": files_digest, "shards": shards, "skipped": skipped})
     print(f"{args.out}: {sum(s['count'] for s in shards)} images, {len(skipped)} skipped")

@@ -177,6 +177,8 @@ def parse_args(argv=None):
         p.error("--num-fid-samples needs a positive count and an --out ending in .npz")
     if args.num_fid_samples is None and not args.out.endswith(".png"):
         p.error("without --num-fid-samples, sample.py draws a grid: give an --out ending in .png")
+    if os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a directory: give the file to write")
     return args
 
 
@@ -226,6 +228,9 @@ def main(args):
 
     if args.num_fid_samples is None:  # a grid, one row per class, on one process
         classes = args.classes if args.classes is not None else list(range(min(10, model.config.num_classes)))
+        wrong = [c for c in classes if not 0 <= c < model.config.num_classes]
+        if wrong:
+            raise SystemExit(f"--classes {wrong}: {args.ckpt} knows classes 0 to {model.config.num_classes - 1}")
         y = torch.tensor(classes, device=device).repeat_interleave(args.per_class)
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import repa
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
 from data import Latents, load_data, setup_distributed
-from model import (SiT_models, forward_flops, interpolate, load_checkpoint, model_config, save_checkpoint,
-                   weights_of)
+from model import (SiT_models, forward_flops, interpolate, load_checkpoint, model_config, resolve, save_checkpoint,
+                   sha256_of, weights_of)
 from sample import decode, sample_ode, save_grid
 from vae import load_vae
 
@@ -44,7 +44,9 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20",
 # What a resumed run must share with its checkpoint. --lr and --grad-clip may change (the way out of a diverged
 # run); everything else that defines the model, the data or the recipe may not.
 RUN_DEFINING = ("model", "depth", "hidden_size", "num_heads", "routing", "chunk", "final_agg", "data", "data_path",
-                "image_size", "global_batch_size", "ema_decay", "seed", "repa", "repa_depth", "repa_coeff")
+                "image_size", "global_batch_size", "ema_decay", "seed", "repa", "repa_depth", "repa_coeff",
+                "eval_samples")  # eval_samples: the held-out split
+RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "compile", "grad_checkpoint")
 
 
 def parse_args(argv=None):
@@ -106,6 +108,16 @@ def parse_args(argv=None):
         p.error("--resume continues a run, --init-from starts a new one from weights: give one")
     if args.chunk < 1:
         p.error("--chunk must be >= 1")
+    for name in ("global_batch_size", "micro_batch_size", "log_every", "ckpt_every", "max_steps", "eval_samples",
+                 "sample_steps", "bench_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("eval_every", "sample_every"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 (never) or more, got {getattr(args, name)}")
+    if args.data_path in ("shapes", "random"):
+        p.error(f"--data-path={args.data_path} would name a built-in data set, not a directory: use "
+                f"--data={args.data_path} for it, or ./{args.data_path} for a directory of that name")
     if args.final_agg is None:
         args.final_agg = "reuse" if args.repa else "dedicated"
     if args.repa_depth is None:
@@ -133,7 +145,11 @@ def init_from(model, source):
     otherwise the routers start as at step 0 (the paper applies DAR when fine-tuning existing models). With
     routing="explicit" the loaded timestep embedder is kept, so e(t) is not zero at the start."""
     checkpoint = load_checkpoint(source)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights_of(checkpoint).items()}
+    state = weights_of(checkpoint) if isinstance(checkpoint, dict) else {}
+    if not (isinstance(state, dict) and any(k.endswith("x_embedder.proj.weight") for k in state)):
+        raise SystemExit(f"--init-from={source} holds no SiT weights (no x_embedder): give one of train.py's "
+                         "checkpoints or a released SiT checkpoint")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     cfg = model.config
     theirs = checkpoint.get("config", {}) if isinstance(checkpoint.get("config"), dict) else {}
     same_routing = all(theirs.get(k) == getattr(cfg, k) for k in ("routing", "chunk", "final_agg"))
@@ -237,6 +253,10 @@ def main(args):
         projector = repa.projector(model.config.hidden_size).to(device)
         encoder = repa.load_encoder(args.repa_encoder).to(device)
     trainee = Trainee(model, projector, args.repa_depth)
+    # The sha256 of every weight file this run started from, kept in its checkpoints.
+    weight_files = {flag: dict(source=source, sha256=sha256_of(resolve(source)))
+                    for flag, source in (("init_from", args.init_from), ("repa_encoder", args.repa and args.repa_encoder))
+                    if source and source != "random"}
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(trainee.parameters(), lr=args.lr, weight_decay=0)
     step = 0
@@ -258,7 +278,7 @@ def main(args):
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if master:
-            retuned = {k: (ckpt["args"].get(k), getattr(args, k)) for k in ("lr", "grad_clip")
+            retuned = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RETUNABLE
                        if ckpt["args"].get(k) != getattr(args, k)}
             print(f"resumed from {source} at step {step}" + (f"; changed (checkpoint, now): {retuned}" if retuned else ""))
             drop_log_after(os.path.join(args.results_dir, "log.jsonl"), step)
@@ -266,6 +286,10 @@ def main(args):
         if glob.glob(os.path.join(ckpt_dir, "*.pt")):
             raise SystemExit(f"{args.results_dir} already holds checkpoints: continue with --resume latest, or give "
                              "another --results-dir")
+        records = [n for n in ("args.json", "log.jsonl") if os.path.exists(os.path.join(args.results_dir, n))]
+        if records:
+            raise SystemExit(f"{args.results_dir} holds the records ({', '.join(records)}) of a run that wrote no "
+                             "checkpoint: give another --results-dir, or delete that directory if it is not needed")
         if args.init_from:
             init_from(model, args.init_from)
             ema.load_state_dict(model.state_dict())
@@ -332,7 +356,7 @@ def main(args):
                 save_checkpoint(dict(config=model_config(model), args=vars(args), step=step, model=model.state_dict(),
                                      ema=ema.state_dict(), opt=opt.state_dict(),
                                      projector=projector.state_dict() if projector is not None else None,
-                                     rng=dict(cpu=torch.get_rng_state()),
+                                     rng=dict(cpu=torch.get_rng_state()), weights=weight_files,
                                      data=dict(seed=args.seed, samples_seen=step * args.global_batch_size)),
                                 os.path.join(ckpt_dir, f"{step:07d}.pt"))
             if world > 1:
