@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -377,11 +378,14 @@ def save_checkpoint(checkpoint, path):
     try:
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f"could not write {path} ({e.strerror or e}); the partial file was removed and every "
-                         "earlier checkpoint is kept. Free some space (or fix the directory) and --resume") from None
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise SystemExit(f"could not write {path} ({why}; {free / 2**20:.1f} MiB free there); the partial file was "
+                         "removed and every earlier checkpoint is kept. Free some space (or fix the directory) and "
+                         "--resume") from None
 
 
 def resolve(source):

@@ -73,6 +73,9 @@ def load_classifier(size, path):
         print(f"no classifier at {path}: training one on {size}px shapes")
         return train_classifier(size, path)
     saved = load_checkpoint(path)
+    if not (isinstance(saved, dict) and {"size", "state"} <= saved.keys()):
+        raise SystemExit(f"{path} is not a shape classifier saved by toy_accuracy.py (no size and state): give another "
+                         "--classifier path (a missing one is trained there)")
     if saved["size"] != size:
         raise SystemExit(f"{path} classifies {saved['size']}px shapes, the samples are {size}px: give another "
                          f"--classifier path (a missing one is trained)")
