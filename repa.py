@@ -112,9 +112,14 @@ def preprocess(images):
 
 
 def projector(hidden_size, out_dim=768, width=2048):
-    """REPA's 3-layer MLP from a SiT token to the encoder's feature space."""
-    return nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                         nn.Linear(width, out_dim))
+    """REPA's 3-layer MLP from a SiT token to the encoder's feature space, initialised as REPA's is (its model's
+    initialize_weights covers the projector: Xavier-uniform weights, zero biases), not with PyTorch's default."""
+    mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                        nn.Linear(width, out_dim))
+    for layer in mlp[::2]:
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return mlp
 
 
 def alignment_loss(projected, features):

@@ -256,6 +256,18 @@ def test_repa_trains_with_an_encoder_of_the_real_architecture(tmp_path):
     assert ckpt["config"]["final_agg"] == "reuse" and ckpt["projector"]["4.weight"].shape == (768, 2048)
 
 
+def test_repa_projector_starts_as_in_repa_xavier_uniform_with_zero_biases():
+    torch.manual_seed(0)
+    mlp = repa.projector(1152)
+    assert [tuple(m.weight.shape) for m in mlp[::2]] == [(2048, 1152), (2048, 2048), (768, 2048)]
+    for layer in mlp[::2]:
+        fan_out, fan_in = layer.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5  # Xavier-uniform's, not nn.Linear's default 1 / sqrt(fan_in)
+        assert torch.count_nonzero(layer.bias) == 0
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.99 * bound
+        assert abs(layer.weight.std().item() - bound / 3 ** 0.5) < 0.01 * bound
+
+
 def test_alignment_loss_is_the_negative_mean_cosine():
     a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     cos = (a / a.norm(dim=-1, keepdim=True) * b / b.norm(dim=-1, keepdim=True)).sum(-1)
