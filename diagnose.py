@@ -152,6 +152,22 @@ def mixing(model, data, indices, sublayers, steps, seed, device):
     return {str(l): {"t": ts.tolist(), "sources": sources[l], "values": np.array(maps[l]).T.tolist()} for l in sublayers}
 
 
+def routing_maps(model, data, indices, ts=(0.1, 0.5, 0.9), seed=0, device="cpu"):
+    """DAR's mean routing weights as heat-map panels, one per t: sources v_0..v_L (rows) x aggregators 1..L+1
+    (columns; L + 1 is the final one), 0 where a source is not in S_l. For watching routing form in training."""
+    L = 2 * model.config.depth
+    panels = []
+    for t in ts:
+        xt, _, y = batch_at(data, indices, t, seed, device)
+        with torch.no_grad():
+            _, extras = model(xt, torch.full((len(xt),), float(t), device=device), y, return_weights=True)
+        values = np.zeros((L + 1, L + 1))
+        for l, (S_l, alpha) in enumerate(zip(model.routers.source_sets, extras["alpha"])):
+            values[S_l, l] = alpha.float().mean((0, 1)).cpu().numpy()
+        panels.append((f"t = {t}", list(range(L + 1)), list(range(1, L + 2)), values))
+    return panels
+
+
 def ridge_fit(x, y, lam):
     """Ridge regression on features standardised over x: a predictor function."""
     mu, sd = x.mean(0), x.std(0) + 1e-8
@@ -264,9 +280,10 @@ def line_plot(series, title, xlabel, ylabel, path, log=False, hline=None):
     img.save(path)
 
 
-def heat_maps(panels, title, path):
+def heat_maps(panels, title, path, xlabel="t (0 noise, 1 data)", xtick="{:.1f}"):
     """panels: [(subtitle, sources, ts, values (sources x t))], side by side. Non-negative values (routing
-    weights) run white to blue; signed ones (gate gradients) blue to white to red, symmetric about 0."""
+    weights) run white to blue; signed ones (gate gradients) blue to white to red, symmetric about 0. The
+    columns need not be t: xlabel and xtick (a format) name them."""
     cell_w, cell_h, left, top, bottom, bar = 22, 14, 60, 44, 56, 90
     width = sum(left + cell_w * len(ts) + bar for _, _, ts, _ in panels)
     height = top + bottom + cell_h * max(len(src) for _, src, _, _ in panels)
@@ -293,8 +310,8 @@ def heat_maps(panels, title, path):
         y = top + cell_h * len(sources)
         for c_, t in enumerate(ts):
             if c_ % max(1, len(ts) // 5) == 0 or c_ == len(ts) - 1:
-                d.text((ox + cell_w * (c_ + 0.5), y + 4), f"{t:.1f}", fill="black", font=FONT, anchor="mt")
-        d.text((ox + cell_w * len(ts) / 2, y + 22), "t (0 noise, 1 data)", fill="black", font=FONT, anchor="mt")
+                d.text((ox + cell_w * (c_ + 0.5), y + 4), xtick.format(t), fill="black", font=FONT, anchor="mt")
+        d.text((ox + cell_w * len(ts) / 2, y + 22), xlabel, fill="black", font=FONT, anchor="mt")
         d.text((ox - left + 4, top - 14), "source", fill="black", font=FONT)
         bx = ox + cell_w * len(ts) + 12  # colour bar
         for k in range(60):

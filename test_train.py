@@ -268,6 +268,18 @@ def test_repa_projector_starts_as_in_repa_xavier_uniform_with_zero_biases():
         assert abs(layer.weight.std().item() - bound / 3 ** 0.5) < 0.01 * bound
 
 
+@pytest.mark.parametrize("routing", ["residual", "dynamic"])
+def test_sample_grids_come_with_a_routing_map_for_dar(tmp_path, routing):
+    train(tmp_path, f"--routing={routing}", "--image-size=16", "--sample-every=2", "--sample-steps=1", steps=2)
+    samples = tmp_path / "run" / "samples"
+    assert (samples / "0000002.png").exists()
+    assert (samples / "0000002_routing.png").exists() == (routing != "residual")
+    if routing != "residual":
+        from PIL import Image
+        width, height = Image.open(samples / "0000002_routing.png").size
+        assert width > 3 * 5 * 22 and height > 5 * 14  # three panels of 5 aggregators x 5 sources (depth 2)
+
+
 def test_alignment_loss_is_the_negative_mean_cosine():
     a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     cos = (a / a.norm(dim=-1, keepdim=True) * b / b.norm(dim=-1, keepdim=True)).sum(-1)

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import repa
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
 from data import Latents, load_data, setup_distributed
+from diagnose import heat_maps, routing_maps
 from model import (SiT_models, forward_flops, interpolate, load_checkpoint, model_config, resolve, save_checkpoint,
                    sha256_of, weights_of)
 from sample import decode, sample_ode, save_grid
@@ -478,6 +479,12 @@ def sample_grid(args, ema, data, device, step, vae):
     path = os.path.join(args.results_dir, "samples", f"{step:07d}.png")
     save_grid(decode(x, vae), path, nrow=8)
     print(f"step {step}: samples in {path}")
+    if ema.config.routing != "residual":  # and how the EMA model routes, to watch routing form as it trains
+        held_out = list(data.eval)[:16]
+        maps = path[:-4] + "_routing.png"
+        heat_maps(routing_maps(ema, data, held_out, device=device),
+                  f"step {step}: mean routing weights of the EMA (aggregator L + 1 is the final one)", maps,
+                  xlabel="aggregator l", xtick="{}")
 
 
 def write_log(log, record):
