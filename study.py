@@ -1,0 +1,219 @@
+"""
+The paper's claims at its own depth, on the CPU: narrow SiTs of 28 blocks (SiT-XL/2's depth, L = 56 sublayers)
+trained on the toy shapes with one recipe, differing only in routing, three seeds each:
+
+    python study.py                 every run, then the report (about 3.5 hours on 2 cores; resumable)
+    python study.py --report-only   the report from the runs finished so far
+
+Runs (all static routing unless named): at 28 blocks residual, static / explicit / dynamic c4, and static with
+chunk S in {1, 2, 4, 8, 14}; at 8 blocks (L = 16) the same S sweep. The paper's chunk analysis (section 5.5,
+Eq. 9) predicts a U-shaped cost in S with its optimum growing as sqrt(L): S* in [3.7, 4.9] at L = 56, and
+sqrt(16 / 56) of that, [2.0, 2.6], at L = 16.
+
+Resumable run by run: each run lives in OUT/<depth>/<name>-s<seed>; one that holds its last checkpoint is done
+and skipped, one that was stopped part-way continues from its latest checkpoint (train.py --resume=latest,
+bit-exact), one never started starts. So a stopped study continues where it stopped, across sessions.
+
+The report (OUT/REPORT.md, copied with its figures to docs/study/ by --publish) gives the held-out velocity
+loss of the EMA weights at fixed steps, mean and standard deviation over seeds, with Welch's t-test of each
+DAR variant against residual routing; the toy accuracy of EMA samples (toy_accuracy.py); the S sweep as a plot
+of loss against S for both depths with the predicted optima marked; and diagnose.py's measures for residual
+vs DAR at 28 blocks. It states numbers only: the verdict per claim is written from them, in docs/study.md.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from scipy import stats
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SWEEP = (1, 2, 4, 8, 14)
+PREDICTED = {28: (3.7, 4.9), 8: (3.7 * (16 / 56) ** 0.5, 4.9 * (16 / 56) ** 0.5)}  # Eq. (9): S* grows as sqrt(L)
+
+
+def recipe(tiny):
+    """(train.py flags shared by every run, seeds, steps): the study's one recipe, or a seconds-long one."""
+    if tiny:
+        return (["--data=shapes", "--image-size=8", "--model=SiT-S/4", "--hidden-size=16", "--num-heads=2",
+                 "--global-batch-size=4", "--lr=3e-3", "--ema-decay=0.9", "--log-every=2", "--eval-every=2",
+                 "--eval-samples=8", "--sample-every=0", "--ckpt-every=2", "--precision=fp32"], (0, 1), 4)
+    return (["--data=shapes", "--image-size=16", "--model=SiT-S/4", "--hidden-size=64", "--num-heads=4",
+             "--global-batch-size=32", "--lr=3e-3", "--ema-decay=0.998", "--log-every=250", "--eval-every=500",
+             "--eval-samples=256", "--sample-every=0", "--ckpt-every=500", "--precision=fp32"], (0, 1, 2), 1500)
+
+
+def runs(tiny):
+    """[(depth, name, routing, chunk)]: every configuration of the study (tiny: depths 4 and 2, S = 1 and 4)."""
+    deep, shallow, sweep = (4, 2, (1, 4)) if tiny else (28, 8, SWEEP)
+    variants = ("static",) if tiny else ("static", "explicit", "dynamic")
+    out = [(deep, "residual", "residual", 4)] + [(deep, f"{r} c4", r, 4) for r in variants]
+    out += [(deep, f"static S={s}", "static", s) for s in sweep if s != 4]
+    out += [(shallow, f"static S={s}", "static", s) for s in sweep]
+    return out
+
+
+def run_dir(out, depth, name, seed):
+    return os.path.join(out, f"depth{depth}", f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
+
+
+def train(out, tiny, log=print):
+    """Every run not yet finished, in order; returns how many were trained (or continued) now."""
+    common, seeds, steps = recipe(tiny)
+    trained = 0
+    for depth, name, routing, chunk in runs(tiny):
+        for seed in seeds:
+            path = run_dir(out, depth, name, seed)
+            if os.path.exists(os.path.join(path, "checkpoints", f"{steps:07d}.pt")):
+                continue
+            resume = ["--resume=latest"] if glob.glob(os.path.join(path, "checkpoints", "*.pt")) else []
+            if not resume and os.path.isdir(path):
+                shutil.rmtree(path)  # a run stopped before its first checkpoint: start it again
+            start = time.time()
+            subprocess.run([sys.executable, "train.py", *common, f"--depth={depth}", f"--routing={routing}",
+                            f"--chunk={chunk}", f"--seed={seed}", f"--max-steps={steps}", f"--results-dir={path}",
+                            *resume], cwd=HERE, check=True, capture_output=True)
+            trained += 1
+            log(f"depth {depth} {name} seed {seed}: {time.time() - start:.0f} s")
+    return trained
+
+
+def losses(out, tiny):
+    """{(depth, name): {step: [EMA held-out loss per seed]}} of the finished runs."""
+    _, seeds, steps = recipe(tiny)
+    table = {}
+    for depth, name, _, _ in runs(tiny):
+        for seed in seeds:
+            path = run_dir(out, depth, name, seed)
+            if not os.path.exists(os.path.join(path, "checkpoints", f"{steps:07d}.pt")):
+                continue
+            with open(os.path.join(path, "log.jsonl")) as f:
+                for record in map(json.loads, f):
+                    if "eval_loss_ema" in record:
+                        table.setdefault((depth, name), {}).setdefault(record["step"], []).append(record["eval_loss_ema"])
+    return table
+
+
+def flag(flags, name):
+    return next(f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}="))
+
+
+def evaluate(out, tiny, log=print):
+    """The diagnostics of residual routing vs static and dynamic c4 (seed 0) and the toy accuracy of every
+    seed's EMA samples at the deep depth, each kept in a file and skipped when it exists (so they resume too)."""
+    _, seeds, steps = recipe(tiny)
+    deep = max(d for d, _, _, _ in runs(tiny))
+    ckpt = lambda name, seed: os.path.join(run_dir(out, deep, name, seed), "checkpoints", f"{steps:07d}.pt")
+    compared = [name for name in ("residual", "static c4", "dynamic c4") if os.path.exists(ckpt(name, 0))]
+    if compared and not os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")):
+        args = [f"--ckpt={ckpt(name, 0)}" for name in compared] + [f"--label={name}" for name in compared]
+        subprocess.run([sys.executable, "diagnose.py", *args, f"--out={os.path.join(out, 'diagnose')}",
+                        "--num-samples=128", "--probe-pairs=64"], cwd=HERE, check=True, capture_output=True)
+        log("diagnostics done")
+    if tiny:
+        return  # the classifier takes minutes to train: the tests check the training and the report
+    for name in ("residual", "static c4", "explicit c4", "dynamic c4"):
+        for seed in seeds:
+            path = os.path.join(run_dir(out, deep, name, seed), "toy_accuracy.txt")
+            if os.path.exists(ckpt(name, seed)) and not os.path.exists(path):
+                result = subprocess.run([sys.executable, "toy_accuracy.py", f"--ckpt={ckpt(name, seed)}"], cwd=HERE,
+                                        check=True, capture_output=True, text=True).stdout
+                with open(path, "w") as f:
+                    f.write(result)
+
+
+def extras(out, tiny):
+    """The report's sections on toy accuracy and diagnostics, from what evaluate() left."""
+    _, seeds, _ = recipe(tiny)
+    deep = max(d for d, _, _, _ in runs(tiny))
+    lines, accuracy = [], {}
+    for name in ("residual", "static c4", "explicit c4", "dynamic c4"):
+        for seed in seeds:
+            path = os.path.join(run_dir(out, deep, name, seed), "toy_accuracy.txt")
+            if os.path.exists(path):
+                first = open(path).read().split(": ")[-1].split()[0] if ": " in open(path).read() else ""
+                accuracy.setdefault(name, []).append(float(first))
+    if accuracy:
+        lines += [f"## Toy accuracy of EMA samples, {deep} blocks", "",
+                  "Share of 400 samples (guidance 4, 20 Heun steps) that toy_accuracy.py's classifier puts in their "
+                  "class, mean ± standard deviation over seeds.", "", "| run | accuracy |", "|---|---|"]
+        lines += [f"| {name} | {mean_std(values)} |" for name, values in accuracy.items()] + [""]
+    if os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")):
+        figures = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "diagnose", "*.png")))
+        lines += [f"## Diagnostics at {deep} blocks (seed 0; diagnose.py)", ""]
+        lines += [f"![{name}](diagnose/{name})" for name in figures] + [""]
+    return lines
+
+
+def mean_std(values):
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}"
+
+
+def report(out, tiny):
+    """Write OUT/REPORT.md and its figures from the finished runs; returns the Markdown."""
+    from diagnose import line_plot
+
+    common, seeds, steps = recipe(tiny)
+    table = losses(out, tiny)
+    deep = max(d for d, _, _, _ in runs(tiny))
+    lines = ["# Study: residual routing vs DAR at the paper's depth", "",
+             f"`python study.py` ({len(seeds)} seeds, {steps} steps; recipe: `{' '.join(common)}`).", "",
+             f"Held-out velocity loss of the EMA weights ({flag(common, 'eval-samples')} held-out images, 8 fixed t, "
+             "fixed noise), mean ± standard deviation over seeds; p: Welch's t-test against residual routing at the "
+             "last step.", ""]
+    for depth in sorted({d for d, _ in table}, reverse=True):
+        rows = {name: by_step for (d, name), by_step in table.items() if d == depth}
+        steps_seen = sorted({s for by_step in rows.values() for s in by_step})
+        lines += [f"## {depth} blocks (L = {2 * depth})", "", "| run | " + " | ".join(f"step {s}" for s in steps_seen)
+                  + " | p vs residual (last step) |", "|---|" + "---|" * (len(steps_seen) + 1)]
+        base = rows.get("residual", {}).get(steps_seen[-1])
+        for name, by_step in rows.items():
+            last = by_step.get(steps_seen[-1], [])
+            p = (f"{stats.ttest_ind(last, base, equal_var=False).pvalue:.3f}"
+                 if base and name != "residual" and len(last) > 1 and len(base) > 1 else "-")
+            lines.append(f"| {name} | " + " | ".join(mean_std(by_step[s]) if s in by_step else "-"
+                                                      for s in steps_seen) + f" | {p} |")
+        lines.append("")
+    series = []
+    for depth in sorted({d for d, _ in table}, reverse=True):
+        points = [(int(name.split("=")[1]) if "=" in name else 4, np.mean(by_step[max(by_step)]))
+                  for (d, name), by_step in table.items() if d == depth and name.startswith("static")]
+        points.sort()
+        if points:
+            series.append((f"{depth} blocks", [s for s, _ in points], [v for _, v in points]))
+            if depth in PREDICTED:
+                low = min(v for _, v in points)
+                series.append((f"predicted S*, {depth} blocks", list(PREDICTED[depth]), [low, low]))
+    if series:
+        line_plot(series, "static DAR: held-out loss (EMA, last step) against chunk size S", "chunk size S (sublayers)",
+                  "loss", os.path.join(out, "chunk_sweep.png"))
+        lines += ["![loss against S](chunk_sweep.png)", "",
+                  f"Predicted optimum (Eq. 9, S* grows as sqrt(L)): {PREDICTED[28][0]:.1f}-{PREDICTED[28][1]:.1f} at "
+                  f"28 blocks, {PREDICTED[8][0]:.1f}-{PREDICTED[8][1]:.1f} at 8 blocks (drawn at the lowest loss).", ""]
+    lines += extras(out, tiny)
+    text = "\n".join(lines)
+    with open(os.path.join(out, "REPORT.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/study28", help="the study's directory (runs, report, figures)")
+    p.add_argument("--report-only", action="store_true", help="no training: the report of the runs finished so far")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long study for the tests")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if not args.report_only:
+        train(args.out, args.tiny)
+        evaluate(args.out, args.tiny)
+    print(report(args.out, args.tiny))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""study.py at a tiny size: it trains each run, continues a stopped one where it stopped, aggregates seeds and
+writes its report, without retraining what is done."""
+import json
+import os
+import shutil
+
+import numpy as np
+
+import study
+
+
+def test_study_resumes_run_by_run_and_reports_mean_and_spread_over_seeds(tmp_path):
+    out = str(tmp_path / "study")
+    messages = []
+    assert study.train(out, tiny=True, log=messages.append) == 2 * len(study.runs(True))
+    # Stop one run part-way (its last checkpoint gone, as if killed after step 2) and remove another entirely.
+    _, seeds, steps = study.recipe(True)
+    part = study.run_dir(out, 4, "static c4", 1)
+    os.remove(os.path.join(part, "checkpoints", f"{steps:07d}.pt"))
+    gone = study.run_dir(out, 2, "static S=1", 0)
+    shutil.rmtree(gone)
+    before = {p: os.path.getmtime(p) for p in [os.path.join(study.run_dir(out, 4, "residual", 0), "log.jsonl")]}
+    assert study.train(out, tiny=True, log=messages.append) == 2  # only those two
+    assert all(os.path.getmtime(p) == t for p, t in before.items())
+    resumed = [json.loads(line) for line in open(os.path.join(part, "log.jsonl"))]
+    assert any("resumed" in r for r in resumed)
+    study.evaluate(out, tiny=True, log=messages.append)
+    text = study.report(out, tiny=True)
+    table = study.losses(out, tiny=True)
+    values = table[(4, "residual")][steps]
+    assert len(values) == len(seeds)
+    assert f"| residual | " in text and study.mean_std(table[(4, "residual")][2]) in text
+    assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in text
+    assert os.path.exists(os.path.join(out, "chunk_sweep.png")) and "![loss against S](chunk_sweep.png)" in text
+    assert os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")) and "## Diagnostics at 4 blocks" in text
