@@ -7,8 +7,10 @@ All expose the same interface: `train` and `eval` index ranges (the eval split i
 `num_classes`, `channels`/`size` of the model's input, and `batch(indices, flip, noise, images)` returning
 the model input x1 (B, C, H, W) in the model's scale, labels y (B,) and, when asked, the uint8 images REPA
 encodes.
-The scripts that split data across processes (training, preparation, sampling) start them here too.
+The scripts that split data across processes (training, preparation, sampling) start them here too, and every
+script's --help comes from HelpFormatter here.
 """
+import argparse
 import json
 import math
 import os
@@ -227,6 +229,16 @@ def load_data(name_or_path, image_size=None, seed=0, num_eval=1_000):
 #################################################################################
 #                                  Processes                                    #
 #################################################################################
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' --help: their docstring as written, and every option's default (unless its help already says
+    it, or there is none to show), so that no flag's value is a surprise (--data=shapes alone means SiT-XL/2)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def setup_distributed():
     """(rank, world size, device): torchrun's variables when present (NCCL on GPUs, gloo on CPUs), else one

@@ -4,7 +4,7 @@ DAR checkpoints alike, written to one JSON file and PNG figures.
 
     python diagnose.py --ckpt results/study/residual/checkpoints/0002000.pt --ckpt results/study/dynamic_c4/checkpoints/0002000.pt --out results/diagnose
 
-Definitions (../shared/design.md section 4). h_l is the input of sublayer l before its LayerNorm (l = 1..L; the
+Definitions (docs/design.md section 4). h_l is the input of sublayer l before its LayerNorm (l = 1..L; the
 residual stream for residual routing, the DAR aggregate otherwise) and h_{L+1} the input of the final layer;
 z_k = h_{2k+1} is the state after block k. For each --t, over one fixed batch of held-out data:
   forward   RMS(z_k), over batch, tokens and channels
@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import load_data
+from data import HelpFormatter, load_data
 from model import interpolate, load_model, modulate
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="a train.py checkpoint (repeat to compare)")
     p.add_argument("--label", action="append", help="a name per --ckpt for the legends (default: routing)")
     p.add_argument("--data", default="shapes", help="'shapes' or a prepared latent directory")

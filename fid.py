@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import HelpFormatter
 from model import load_checkpoint
 
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -410,7 +411,7 @@ def make_reference(data_name, image_size, num, path, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("files", nargs="+", help="REF.npz SAMPLES.npz, or with --make-ref the .npz to write")
     p.add_argument("--inception", default=INCEPTION_URL, help="pt_inception-2015-12-05-6726825d.pth: URL or path")
     p.add_argument("--batch-size", type=int, default=64)

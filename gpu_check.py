@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from data import HelpFormatter
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -154,7 +156,7 @@ def environment():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU, to check that this script still runs")
     p.add_argument("--out", help="the report's path (default docs/gpu/<date>-<device>.md; results/ with --smoke)")
     p.add_argument("--part", choices=("step", "throughput", "exact"), help=argparse.SUPPRESS)  # run by main itself

@@ -3,7 +3,7 @@ SiT, the Scalable Interpolant Transformer (Ma et al. 2024; the DiT architecture 
 with a routing switch: `routing="residual"` is SiT exactly (official checkpoints load with strict=True),
 "static" | "explicit" | "dynamic" replace its residual stream with Diffusion-Adaptive Routing (dar.py).
 
-Conventions (../shared/design.md section 1): SiT's linear interpolant x_t = t * x1 + (1 - t) * eps with
+Conventions (docs/design.md section 1): SiT's linear interpolant x_t = t * x1 + (1 - t) * eps with
 t in [0, 1], t = 0 pure noise and t = 1 data; the network predicts the velocity x1 - eps. Label
 `num_classes` is the null class of classifier-free guidance.
 
@@ -395,10 +395,14 @@ def resolve(source):
     # The cached name keeps the URL's path: the ema and mse VAEs share a file name.
     path = os.path.join(torch.hub.get_dir(), "checkpoints", source.split("://", 1)[1].replace("/", "_"))
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        folder = os.path.dirname(path)
+        made = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
         try:
             torch.hub.download_url_to_file(source, path)
         except Exception as e:  # noqa: BLE001 (no network, a dead link, a proxy: all end the same way)
+            if made and not os.listdir(folder):
+                os.rmdir(folder)  # leave no empty cache folder behind
             raise SystemExit(f"could not download {source} ({type(e).__name__}: {e}). Download it on a machine with "
                              f"network access and give its local path instead, or put it at {path}") from None
     return path
@@ -530,8 +534,8 @@ if __name__ == "__main__":
         T = (cfg.input_size // cfg.patch_size) ** 2
         return 6 * T * cfg.hidden_size * sum(len(S) for S in model.routers.source_sets) / 1e9
 
-    print(f"{'':<10}" + "".join(f" | {r:<22}" for r in ROUTINGS))
-    print(f"{'preset':<10}" + " | params   GFLOPs  +mix " * len(ROUTINGS))
+    print(f"{'':<10}" + "".join(f" | {r:<29}" for r in ROUTINGS))
+    print(f"{'preset':<10}" + " | parameters    GFLOPs   +mix  " * len(ROUTINGS))
     for name, build in SiT_models.items():
         row = f"{name:<10}"
         for routing in ROUTINGS:
@@ -539,8 +543,8 @@ if __name__ == "__main__":
                 model = build(routing=routing)
             params = sum(p.numel() for p in model.parameters())
             gflops = forward_flops(model_config(model)) / 1e9
-            row += f" | {params / 1e6:>6.1f}M {gflops:>7.1f} {mix_gflops(model):>5.2f}"
+            row += f" | {params:>13,} {gflops:>7.1f} {mix_gflops(model):>5.2f}  "
         print(row)
-    print("256x256 images as 4x32x32 SD-VAE latents, chunk 4, dedicated final aggregator. params include the"
+    print("256x256 images as 4x32x32 SD-VAE latents, chunk 4, dedicated final aggregator. parameters include the"
           "\nfrozen pos_embed; GFLOPs count 2 per multiply-add (DiT's paper counts 1: 118.6 for XL/2); +mix is"
           "\nDAR's elementwise aggregation, memory-bound in practice.")

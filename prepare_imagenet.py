@@ -29,7 +29,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import setup_distributed, write_manifest
+from data import HelpFormatter, setup_distributed, write_manifest
 from model import resolve, sha256_of
 from vae import VAE_URL, load_vae
 
@@ -39,7 +39,7 @@ SETTINGS = ("image_size", "vae", "images", "shard_size", "dtype", "precision")  
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-path", required=True, help="ImageFolder-style directory: one folder per class")
     p.add_argument("--out", required=True, help="output directory (created; an existing one is resumed)")
     p.add_argument("--image-size", type=int, default=256, help="crop size; latents are image_size / 8 on a side")

@@ -4,7 +4,8 @@ z_k is pulled towards the patch features of a frozen DINOv2 ViT-B/14 by a negati
 
 Its own file because the encoder is a whole ViT: a plain-PyTorch DINOv2 ViT-B/14 with the official key names
 (the released dinov2_vitb14_pretrain.pth loads with strict=True, no torch.hub), REPA's preprocessing and
-position-embedding resample, the projector and the loss. Facts: ../shared/notes/vae-dinov2.md section 3.
+position-embedding resample, the projector and the loss. Facts: the public code of DINOv2
+(facebookresearch/dinov2) and of REPA.
 """
 import torch
 import torch.nn as nn

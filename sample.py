@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import LATENT_SCALE, setup_distributed
+from data import HelpFormatter, LATENT_SCALE, setup_distributed
 from model import load_model
 from vae import VAE_URL, load_vae
 
@@ -152,7 +153,7 @@ def write_npz(path, parts, count):
 #################################################################################
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="train.py checkpoint or released SiT checkpoint (path or URL)")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights instead of the EMA")
     p.add_argument("--sampler", choices=SAMPLERS, default="heun")
@@ -237,6 +238,8 @@ def main(args):
             save_grid(images(0, len(y), y), args.out, nrow=args.per_class)
             print(f"{len(y)} samples in {args.out}")
     else:
+        if os.path.exists(args.out):
+            raise SystemExit(f"{args.out} already exists (a finished run): give another --out, or delete it first")
         parts_dir = args.out[:-4] + ".parts"
         check_settings(args, parts_dir, rank, world)
         B, N = args.batch_size, args.num_fid_samples
@@ -250,8 +253,9 @@ def main(args):
         if world > 1:
             dist.barrier()
         if rank == 0:
-            write_npz(args.out, parts, N)
-            print(f"{N} samples in {args.out} (batches kept in {parts_dir}; delete it once the .npz is safe)")
+            write_npz(args.out, parts, N)  # atomic: the batches can go once it exists
+            shutil.rmtree(parts_dir)
+            print(f"{N} samples in {args.out}")
     if world > 1:
         dist.destroy_process_group()
 

@@ -32,6 +32,8 @@ import time
 import numpy as np
 from scipy import stats
 
+from data import HelpFormatter
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = (1, 2, 4, 8, 14)
 PREDICTED = {28: (3.7, 4.9), 8: (3.7 * (16 / 56) ** 0.5, 4.9 * (16 / 56) ** 0.5)}  # Eq. (9): S* grows as sqrt(L)
@@ -203,7 +205,7 @@ def report(out, tiny):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="results/study28", help="the study's directory (runs, report, figures)")
     p.add_argument("--report-only", action="store_true", help="no training: the report of the runs finished so far")
     p.add_argument("--tiny", action="store_true", help="a seconds-long study for the tests")

@@ -377,8 +377,13 @@ def test_fid_samples_are_exact_in_number_unique_and_the_same_on_two_processes_an
     sample(*common, f"--out={tmp_path / 'killed.npz'}")
     with np.load(tmp_path / "killed.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], one)
+    assert not (tmp_path / "killed.parts").exists()  # a finished run leaves only its .npz
     proc = sample(*common[:-1], "--num-steps=20", f"--out={tmp_path / 'killed.npz'}", wait=False)
-    assert proc.wait() != 0 and "other settings (num_steps: 150 -> 20)" in proc.stdout.read()
+    assert proc.wait() != 0 and "killed.npz already exists" in proc.stdout.read()
+    (tmp_path / "stopped.parts").mkdir()  # a stopped run's settings, then a command with other ones
+    (tmp_path / "stopped.parts" / "settings.json").write_text("{}")
+    proc = sample(*common[:-1], "--num-steps=20", f"--out={tmp_path / 'stopped.npz'}", wait=False)
+    assert proc.wait() != 0 and "holds batches made with other settings" in proc.stdout.read()
 
 
 def test_grid_mode_and_released_sit_checkpoints(tiny_checkpoint, tmp_path):

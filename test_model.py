@@ -57,7 +57,7 @@ def test_parameter_counts_match_table_1_at_sit_xl_2():
 
 
 def official_sit_xl_2_shapes():
-    """Key -> shape of the released SiT-XL/2 checkpoint (../shared/notes/sit-repa.md section 2)."""
+    """Key -> shape of the released SiT-XL/2 checkpoint (as released by the SiT authors)."""
     d, shapes = 1152, {}
     shapes["pos_embed"] = (1, 256, d)
     shapes["x_embedder.proj.weight"], shapes["x_embedder.proj.bias"] = (d, 4, 2, 2), (d,)

@@ -28,7 +28,7 @@ NOTES = os.path.join(HERE, "..", "shared", "notes", "vae-keys.txt")
 #################################################################################
 
 def public_vae_shapes():
-    """Key -> shape of sd-vae-ft-ema in diffusers' current names (../shared/notes/vae-keys.txt), built from the
+    """Key -> shape of sd-vae-ft-ema in diffusers' current names (as the released files hold them), built from the
     layout the notes describe: 248 tensors."""
     shapes = {}
 

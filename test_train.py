@@ -225,7 +225,7 @@ def test_training_on_a_latent_directory(tmp_path):
 
 
 def official_dinov2_shapes():
-    """Key -> shape of dinov2_vitb14_pretrain.pth (../shared/notes/vae-dinov2.md section 3.4)."""
+    """Key -> shape of dinov2_vitb14_pretrain.pth (the official file's names)."""
     d, shapes = 768, {"cls_token": (1, 1, 768), "pos_embed": (1, 1370, 768), "mask_token": (1, 768),
                       "patch_embed.proj.weight": (768, 3, 14, 14), "patch_embed.proj.bias": (768,),
                       "norm.weight": (768,), "norm.bias": (768,)}

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import SHAPES, Shapes
+from data import HelpFormatter, SHAPES, Shapes
 from model import load_checkpoint, load_model, save_checkpoint
 from sample import sample_ode
 
@@ -85,7 +85,7 @@ def load_classifier(size, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint trained with --data=shapes")
     p.add_argument("--classifier", help="the classifier's file, trained there when missing "
                                         "(default results/shapes_classifier_<size>px.pt)")

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import repa
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
-from data import Latents, load_data, setup_distributed
+from data import HelpFormatter, Latents, load_data, setup_distributed
 from diagnose import heat_maps, routing_maps
 from model import (SiT_models, forward_flops, interpolate, load_checkpoint, model_config, resolve, save_checkpoint,
                    sha256_of, weights_of)
@@ -51,7 +51,7 @@ RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "comp
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("model")
     a.add_argument("--model", default="SiT-XL/2", choices=list(SiT_models), help="SiT preset (size/patch)")
     a.add_argument("--depth", type=int, help="override the preset's number of blocks (quick experiments)")

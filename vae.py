@@ -5,7 +5,7 @@ in plain PyTorch: prepare_imagenet.py encodes with it and sample.py decodes with
 Its own file because it is a whole network (83.7M parameters) that two scripts share. Module names equal
 diffusers' key paths, so stabilityai/sd-vae-ft-ema (or -mse: the same encoder, a different decoder) loads with
 strict=True from its .bin or .safetensors file, old attention names (query/key/value/proj_attn) included.
-Facts: ../shared/notes/vae-dinov2.md section 1.
+Facts: diffusers' AutoencoderKL and the sd-vae-ft-ema release.
 """
 import torch
 import torch.nn as nn
