@@ -94,8 +94,6 @@ def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_h=F
     fused path add every reader's gradient of a source into one buffer; the reference path leaves that to
     autograd and hands on no tokens.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     fused = kernel == "triton" or (kernel == "auto" and sources[0].is_cuda and fused_mix_with_tokens is not None)
     if need_alpha or not fused:
         return (*mix(sources, q, gamma, shift, scale), [])
@@ -112,8 +110,6 @@ class Router(nn.Module):
 
     def __init__(self, dim, routing):
         super().__init__()
-        if routing not in ROUTINGS[1:]:
-            raise ValueError(f"a router's routing must be one of {ROUTINGS[1:]}, got {routing!r}")
         self.routing = routing
         self.gamma = nn.Parameter(torch.ones(dim))
         if routing == "dynamic":
@@ -145,10 +141,6 @@ class Routers(nn.ModuleDict):
     """
 
     def __init__(self, dim, num_sublayers, routing, chunk=4, final_agg="dedicated", kernel="auto"):
-        if final_agg not in FINAL_AGGS:
-            raise ValueError(f"final_agg must be one of {FINAL_AGGS}, got {final_agg!r}")
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         L = num_sublayers
         source_sets = [sources(l, chunk, L) for l in range(1, L + 2)]  # validates chunk
         routers = {str(l): Router(dim, routing) for l in range(1, L + 1)}

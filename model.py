@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from dar import ROUTINGS, Routers
+from dar import FINAL_AGGS, KERNELS, ROUTINGS, Routers
 
 
 @dataclass
@@ -43,6 +43,14 @@ class SiTConfig:
     chunk: int = 4  # DAR chunk size S in sublayers (Eq. 7); 1 = dense
     final_agg: str = "dedicated"  # DAR final aggregator: "dedicated" (Eq. 11) or "reuse" (the REPA design)
     kernel: str = "auto"  # DAR execution: "auto" | "triton" | "torch"; never changes the function computed
+
+    def __post_init__(self):
+        """The one check of the values a model is built from (train.py's flags, a checkpoint's config)."""
+        for name, allowed in (("routing", ROUTINGS), ("final_agg", FINAL_AGGS), ("kernel", KERNELS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.input_size % self.patch_size or self.hidden_size % self.num_heads:
+            raise ValueError(f"input_size must be a multiple of patch_size and hidden_size of num_heads: {self}")
 
 
 def modulate(x, shift, scale):
@@ -183,10 +191,6 @@ class SiT(nn.Module):
     def __init__(self, **kwargs):
         super().__init__()
         self.config = cfg = SiTConfig(**kwargs)
-        if cfg.routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {cfg.routing!r}")
-        if cfg.input_size % cfg.patch_size or cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"input_size must be a multiple of patch_size and hidden_size of num_heads: {cfg}")
         self.out_channels = cfg.in_channels * 2 if cfg.learn_sigma else cfg.in_channels
         d = cfg.hidden_size
 

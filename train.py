@@ -318,6 +318,7 @@ def main(args):
     finite_grads = torch.ones((), dtype=torch.bool, device=device)  # every step's gradient so far, checked without a sync
 
     # 3. The loop.
+    first_step = step
     while step < args.max_steps:
         draw = stream.draw(step, model.config.class_dropout_prob)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
@@ -326,6 +327,9 @@ def main(args):
         update_ema(ema, model, args.ema_decay)
         finite_grads &= torch.isfinite(grad_norm)
         step += 1
+        if master and step == first_step + 1 and args.log_every > 1:  # a sign of life before the first log line
+            print(f"step {step} took {time.time() - t_last:.1f} s; the next log line is at step "
+                  f"{(step // args.log_every + 1) * args.log_every} (slow? see OMP_NUM_THREADS in the README)", flush=True)
         loss_sum += torch.stack([losses[0], losses[1]]).detach()
         interval_steps += 1
 
