@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import HelpFormatter, setup_distributed, write_manifest
-from model import resolve, sha256_of
+from checkpoint import resolve, sha256_of
 from vae import VAE_URL, load_vae
 
 EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")

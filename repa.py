@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Attention, load_checkpoint  # the same fused-qkv layout and key names as DINOv2's
+from checkpoint import load_checkpoint
+from model import Attention  # the same fused-qkv layout and key names as DINOv2's
 
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -162,7 +162,6 @@ def report(out, tiny):
 
     common, seeds, steps = recipe(tiny)
     table = losses(out, tiny)
-    deep = max(d for d, _, _, _ in runs(tiny))
     lines = ["# Study: residual routing vs DAR at the paper's depth", "",
              f"`python study.py` ({len(seeds)} seeds, {steps} steps; recipe: `{' '.join(common)}`).", "",
              f"Held-out velocity loss of the EMA weights ({flag(common, 'eval-samples')} held-out images, 8 fixed t, "

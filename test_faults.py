@@ -21,7 +21,7 @@ import prepare_imagenet
 import sample
 import toy_accuracy
 import train
-from model import load_checkpoint, resolve, save_checkpoint
+from checkpoint import load_checkpoint, resolve, save_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--model=SiT-S/4", "--depth=2", "--hidden-size=32", "--num-heads=2", "--precision=fp32", "--lr=1e-3",
@@ -214,7 +214,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_earlier_ones_and_no_half_fi
     ckpt_dir = tmp_path / "checkpoints"
     shutil.copytree(run_dir / "run" / "checkpoints", ckpt_dir)
     before = files(ckpt_dir)
-    writer = ("import sys, torch; from model import save_checkpoint; "
+    writer = ("import sys, torch; from checkpoint import save_checkpoint; "
               "save_checkpoint({'x': torch.zeros(200_000_000, dtype=torch.uint8)}, sys.argv[1])")
     proc = subprocess.Popen([sys.executable, "-c", writer, str(ckpt_dir / "0000006.pt")], cwd=HERE)
     while not (ckpt_dir / "0000006.pt.tmp").exists() and proc.poll() is None:

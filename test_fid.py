@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import fid
-from model import SiT, load_model, model_config, save_checkpoint
+from checkpoint import save_checkpoint
+from model import SiT, load_model, model_config
 from sample import LAST_STEP, sample_ode, sample_sde
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import Latents
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from prepare_imagenet import center_crop
 from train import main as train_main, parse_args as train_args
 from vae import AutoencoderKL, load_vae

@@ -29,7 +29,7 @@ def test_study_resumes_run_by_run_and_reports_mean_and_spread_over_seeds(tmp_pat
     table = study.losses(out, tiny=True)
     values = table[(4, "residual")][steps]
     assert len(values) == len(seeds)
-    assert f"| residual | " in text and study.mean_std(table[(4, "residual")][2]) in text
+    assert "| residual | " in text and study.mean_std(table[(4, "residual")][2]) in text
     assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in text
     assert os.path.exists(os.path.join(out, "chunk_sweep.png")) and "![loss against S](chunk_sweep.png)" in text
     assert os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")) and "## Diagnostics at 4 blocks" in text

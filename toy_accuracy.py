@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import HelpFormatter, SHAPES, Shapes
-from model import load_checkpoint, load_model, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import load_model
 from sample import sample_ode
 
 

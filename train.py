@@ -32,11 +32,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import repa
+from checkpoint import load_checkpoint, resolve, save_checkpoint, sha256_of, weights_of
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
 from data import HelpFormatter, Latents, load_data, setup_distributed
 from diagnose import heat_maps, routing_maps
-from model import (SiT_models, forward_flops, interpolate, load_checkpoint, model_config, resolve, save_checkpoint,
-                   sha256_of, weights_of)
+from model import SiT_models, forward_flops, interpolate, model_config
 from sample import decode, sample_ode, save_grid
 from vae import load_vae
 

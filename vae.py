@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 VAE_URL = "https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.safetensors"
 CHANNELS = (128, 256, 512, 512)  # block_out_channels of every SD kl-f8 VAE: 3 halvings, 256px -> 32px
