@@ -613,7 +613,7 @@ def benchmark(batch=32, T=256, d=1152, counts=(5, 9, 18, 57), dtype=torch.bfloat
                     torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated() if cuda else 0
                 peak_fwd, out = peak_above(fwd, base)
-                peak_bwd, grads = peak_above(lambda: torch.autograd.grad(out, inputs, dx), base)
+                peak_bwd, grads = peak_above(lambda y=out: torch.autograd.grad(y, inputs, dx), base)
                 del out, grads
                 res[path] = (t_fwd, t_both - t_fwd, t_both, peak_fwd / 1e6, peak_bwd / 1e6)
             (nf, nb, nfb, nmf, nmb), (ff, fb, ffb, fmf, fmb) = res["naive"], res["fused"]
