@@ -42,8 +42,9 @@ from vae import load_vae
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; more specific names first. Unknown GPUs report no MFU.
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20", 148e12), ("A100", 312e12))
-# What a resumed run must share with its checkpoint. --lr and --grad-clip may change (the way out of a diverged
-# run); everything else that defines the model, the data or the recipe may not.
+# What a resumed run must share with its checkpoint: what defines the model, the data, the held-out split or the
+# recipe. The RETUNABLE flags may change on resume (a lower --lr or a --grad-clip is the way out of a diverged
+# run); the change is printed and logged.
 RUN_DEFINING = ("model", "depth", "hidden_size", "num_heads", "routing", "chunk", "final_agg", "data", "data_path",
                 "image_size", "global_batch_size", "ema_decay", "seed", "repa", "repa_depth", "repa_coeff",
                 "eval_samples")  # eval_samples: the held-out split
@@ -416,8 +417,8 @@ def stop_unless_finite(loss, grads_finite, step, ckpt_dir, what=None):
     last = checkpoints_by_step(ckpt_dir)
     where = (f"The last good checkpoint is {last[0][1]} (every checkpoint written is finite): resume from it with "
              f"--resume={last[0][1]} and a lower --lr or a --grad-clip (both may change on resume), or with "
-             "--precision=fp32" if last else f"No checkpoint was written yet ({ckpt_dir} is empty): start again with "
-             "a lower --lr or a --grad-clip")
+             "--precision=fp32" if last else "No checkpoint was written yet: start again with a lower --lr or a "
+             f"--grad-clip, in a new --results-dir (or after deleting {os.path.dirname(ckpt_dir)})")
     raise SystemExit(f"step {step}: {what}; stopping before anything else is written. {where}.")
 
 
