@@ -289,12 +289,13 @@ def test_model_on_kernel_matches_reference(routing, chunk):
 
 
 @launches
-@pytest.mark.parametrize("routing", ("static", "dynamic"))
-def test_shared_gradient_buffers_under_micro_batches_checkpointing_and_partial_backward(routing):
+@pytest.mark.parametrize("routing", ("static", "explicit", "dynamic"))
+@pytest.mark.parametrize("chunk", (1, 2, 4))
+def test_shared_gradient_buffers_under_micro_batches_checkpointing_and_partial_backward(routing, chunk):
     """Each source's gradient is summed over its readers in one buffer (kernel.py): that must hold when two
     micro-batches accumulate into .grad, when sublayers are recomputed, and when only z_1 has a loss (the
     later readers never run their backward, so an earlier reader starts the buffer)."""
-    ref, fused = pair(routing, 2)
+    ref, fused = pair(routing, chunk)
     x, t, y = (a.to(DEVICE) for a in batch(ref, B=4))
     grads = {}
     for name, model in (("ref", ref), ("fused", fused)):
