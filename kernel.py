@@ -291,13 +291,16 @@ def _on(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _table(tensors):
-    """The tensors' addresses as an int64 tensor on their device, the kernels' table of sources. It is built in
-    pinned memory and copied without blocking, so the host never waits for the GPU to drain its queue."""
-    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    if tensors[0].is_cuda:
-        table = table.pin_memory().to(tensors[0].device, non_blocking=True)
-    return table
+def _table(values, device, dtype=torch.int64):
+    """A small host-made table (the sources' addresses, the accumulate flags) as a tensor on `device`. It is
+    built in pinned memory and copied without blocking, so the host never waits for the GPU to drain its queue."""
+    table = torch.tensor(values, dtype=dtype)
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+
+
+def _addresses(tensors):
+    """The kernels' table of sources: the tensors' addresses, on their device."""
+    return _table([t.data_ptr() for t in tensors], tensors[0].device)
 
 
 def _check(sources, q, gamma, shift, scale):
@@ -359,7 +362,7 @@ def mix_forward(sources, q, gamma, shift, scale, store_h, save):
     shift, scale, mod_stride = _modulation(shift, scale, x)
     with _on(x.device):
         _mix_fwd_kernel[(B * T,)](
-            _table(sources), Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, X=x,
+            _addresses(sources), Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, X=x,
             H=h if store_h else x, H32=h32 if save else x, LSE=lse if save else x, T=T, MOD_STRIDE=mod_stride,
             Q_MODE=q_mode, HAS_MOD=has_mod, STORE_H=store_h, SAVE=save, **meta)
     return x, h, h32, lse
@@ -396,10 +399,9 @@ def mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse
     dq_rows = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_mode == 2 else part  # row-major, as written
     x = sources[0]
     shift, scale, mod_stride = _modulation(shift, scale, x)
-    acc = torch.tensor([int(a) for a in accumulate], dtype=torch.int32)
     with _on(x.device):
         _mix_bwd_kernel[(B, J)](
-            _table(sources), _table(dsources), acc.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else acc,
+            _addresses(sources), _addresses(dsources), _table([int(a) for a in accumulate], x.device, torch.int32),
             Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, H32=h32, LSE=lse,
             DX=dx.contiguous(), DH=dh.contiguous() if dh is not None else x, DQ=dq_rows, PART=part, T=T, J=J, R=R,
             MOD_STRIDE=mod_stride, Q_MODE=q_mode, HAS_MOD=has_mod, HAS_DH=dh is not None, **meta)

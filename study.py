@@ -137,9 +137,10 @@ def extras(out, tiny):
     for name in ("residual", "static c4", "explicit c4", "dynamic c4"):
         for seed in seeds:
             path = os.path.join(run_dir(out, deep, name, seed), "toy_accuracy.txt")
-            if os.path.exists(path):
-                first = open(path).read().split(": ")[-1].split()[0] if ": " in open(path).read() else ""
-                accuracy.setdefault(name, []).append(float(first))
+            if os.path.exists(path):  # toy_accuracy.py's "class accuracy of ...: 0.935" line
+                with open(path) as f:
+                    line = next(line for line in f if line.startswith("class accuracy"))
+                accuracy.setdefault(name, []).append(float(line.rsplit(": ", 1)[1]))
     if accuracy:
         lines += [f"## Toy accuracy of EMA samples, {deep} blocks", "",
                   "Share of 400 samples (guidance 4, 20 Heun steps) that toy_accuracy.py's classifier puts in their "
