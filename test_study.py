@@ -12,7 +12,7 @@ import study
 def test_study_resumes_run_by_run_and_reports_mean_and_spread_over_seeds(tmp_path):
     out = str(tmp_path / "study")
     messages = []
-    assert study.train(out, tiny=True, log=messages.append) == 2 * len(study.runs(True))
+    assert study.train(out, tiny=True, log=messages.append, jobs=2) == 2 * len(study.runs(True))
     # Stop one run part-way (its last checkpoint gone, as if killed after step 2) and remove another entirely.
     _, seeds, steps = study.recipe(True)
     part = study.run_dir(out, 4, "static c4", 1)
