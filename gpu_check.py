@@ -1,7 +1,7 @@
 """
 Every figure that only a GPU can give, in one command, for a session that is lent one:
 
-    python gpu_check.py            on one CUDA GPU: about 8 minutes, compiles included; no network, no data
+    python gpu_check.py            on one CUDA GPU: at most 9.3 minutes, compiles included; no network, no data
     python gpu_check.py --smoke    the same code at tiny sizes on a CPU (Triton's interpreter), in about a minute
 
 Its own file because it drives the others (kernel.py, train.py, sample.py, vae.py, test_parity.py) as a user
@@ -10,7 +10,8 @@ still run. It writes one Markdown report (device, driver, versions, date, then e
 docs/gpu/ (--smoke: under results/), and prints it. The parts:
   1. parity      the kernel against fp64 at full size (B = 4, T = 256): the 24 cases of N in {18, 57} at
                  d = 1152, every config at N = 57, and the whole model on the kernel vs the reference path
-  2. kernel      `python kernel.py`: naive vs fused at N in {5, 9, 18, 57}, fraction of copy bandwidth, memory
+  2. kernel      `python kernel.py`: naive vs fused at N in {5, 9, 18, 57}, fraction of copy bandwidth, memory;
+                 `python kernel.py --configs`: every config of each kernel timed alone at N = 57 (to choose PINNED)
   3. step        `train.py --bench` at SiT-XL/2, batch 32: residual, static c4, dynamic c4, static dense, with
                  step time, images/s, peak memory, MFU and the ratio to residual
   4. throughput  SD-VAE encoding images/s (random weights, bf16, 256 px, as prepare_imagenet.py runs it) and
@@ -42,12 +43,13 @@ def parts(smoke):
     bench = [(routing, chunk) for routing, chunk in (("residual", 4), ("static", 4), ("dynamic", 4), ("static", 1))]
     parity = "N2-d72-static-noLN-float32" if smoke else "N57-d1152 or N18-d1152 or every_autotune or model_on"
     flag = ["--smoke"] if smoke else []
-    return [  # the limits add up to under nine minutes
+    return [  # the limits add up to 555 s
         ("parity", 60 if smoke else 140, python("-m", "pytest", "-q", "-x", "test_parity.py", "-k", parity)),
-        ("kernel", 60 if smoke else 90, python("kernel.py", *flag)),
-        ("step", 60 if smoke else 150, python(__file__, "--part=step", *flag)),
+        ("kernel", 60 if smoke else 75, python("kernel.py", *flag)),
+        ("configs", 60, python("kernel.py", "--configs", *flag)),
+        ("step", 60 if smoke else 140, python(__file__, "--part=step", *flag)),
         ("throughput", 60, python(__file__, "--part=throughput", *flag)),
-        ("exact", 60 if smoke else 90, python(__file__, "--part=exact", *flag)),
+        ("exact", 60 if smoke else 80, python(__file__, "--part=exact", *flag)),
     ], xl, bench
 
 

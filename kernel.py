@@ -19,10 +19,13 @@ activation memory grows with N (N = 57 for dense routing at SiT-XL/2). Here:
   SiT-XL/2 c4 it saves about a tenth of the aggregations' bytes (train.py --bench --traffic counts them).
 Sources stay separate tensors, never stacked (stacking per layer would make memory quadratic in depth): the
 kernels read a small int64 table of their addresses and loop over it at run time, U sources per step, so U
-rows of loads are in flight at once. One compiled kernel serves every N. U and the number of warps are pinned
-(PINNED below), so that runs are bit-reproducible; DAR_AUTOTUNE=1 lets the autotuner choose instead.
+rows of loads are in flight at once (STAGES steps of them with software pipelining). One compiled kernel serves
+every N. A row is held as two power-of-two blocks, so no lane is padding at SiT's widths. U, the warps and
+STAGES are pinned (PINNED below), so that runs are bit-reproducible; DAR_AUTOTUNE=1 lets the autotuner choose.
 
-    python kernel.py    benchmarks naive vs fused at the SiT-XL/2 working point (needs a CUDA GPU)
+    python kernel.py              naive vs fused at the SiT-XL/2 working point (needs a CUDA GPU)
+    python kernel.py --configs    every config of each kernel timed alone there (needs a CUDA GPU)
+    python sm90.py                what they compile to for an H100, on a machine without one (docs/kernel.md)
 
 Tests: test_parity.py (on a CPU under TRITON_INTERPRET=1 at small shapes, at full size on a GPU).
 """
@@ -43,16 +46,24 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = tl.constexpr(1e-6)  # of the keys' RMSNorm and the output LayerNorm, as in dar.mix and SiT
 
 
-# U: sources loaded per loop step (more bytes in flight per program, more registers), with the warps per program.
-# Every (U, warps) the kernels compile to without spilling registers for sm_90 on Triton 3.6 and 3.9
-# (test_parity.py -k hopper): at d = 1152 the backward spills with U = 4 at 4 and 16 warps (3.9) and with U = 2
-# at 4 warps (3.6), so those never run.
-CONFIGS = {"fwd": [triton.Config({"U": u}, num_warps=w) for u in (1, 2, 4) for w in (4, 8, 16)],
-           "bwd": [triton.Config({"U": u}, num_warps=w) for u, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 8))]}
+# A config: U sources loaded per loop step (more bytes in flight per program, more registers), STAGES loop steps
+# whose loads are in flight at once (software pipelining through cp.async; 1 = none) and the warps per program.
+# These are the (U, warps, STAGES) that compile for sm_90 without spilling registers on both Triton 3.6 and 3.9
+# (`python sm90.py --space` compiles every one and shows which spill: in the backward, U = 4 at 4 or 16 warps
+# on both, U = 2 at 4 or 16 warps and U = 1 at 8 warps on one of them); 16-warp forwards are left out, as they
+# issue the most instructions per source.
+CONFIGS = {"fwd": [triton.Config({"U": u, "STAGES": s}, num_warps=w)
+                   for u in (1, 2, 4) for w in (4, 8) for s in (1, 3)],
+           "bwd": [triton.Config({"U": u, "STAGES": s}, num_warps=w)
+                   for u, w in ((1, 4), (1, 16), (2, 8), (4, 8)) for s in (1, 3)]}
 # The config that runs unless DAR_AUTOTUNE=1. U and the warps set the order of the fp32 sums, so a config chosen
 # by timing (which varies from run to run) would make two runs, or a run and its resumption, differ in the last
-# bits. These are fixed, chosen by registers until a GPU times them (gpu_check.sh prints the autotuner's pick).
-PINNED = {"fwd": triton.Config({"U": 2}, num_warps=8), "bwd": triton.Config({"U": 2}, num_warps=8)}
+# bits (STAGES does not change the sums). Until a GPU times them (gpu_check.py prints the autotuner's pick), they
+# are chosen from the compile table (docs/kernel.md): the fewest warp instructions issued per source row among the
+# configs that keep at least about 29 KB of loads in flight per SM, which Little's law asks of an H200 (4.8 TB/s
+# over 132 SMs at about 800 ns of memory latency).
+PINNED = {"fwd": triton.Config({"U": 4, "STAGES": 1}, num_warps=4),
+          "bwd": triton.Config({"U": 4, "STAGES": 3}, num_warps=8)}
 AUTOTUNE = os.environ.get("DAR_AUTOTUNE") == "1"
 
 
@@ -61,24 +72,44 @@ def _configs(kind):
     (the autotuner times them once per shape and caches its pick on disk, so a restart on the same machine
     keeps it). The interpreter has no GPU to time on, and U = 4 gives its tests partly padded steps."""
     if INTERPRET or not torch.cuda.is_available():
-        return [triton.Config({"U": 4}, num_warps=4)]
+        return [triton.Config({"U": 4, "STAGES": 1}, num_warps=4)]
     return CONFIGS[kind] if AUTOTUNE else [PINNED[kind]]
 
 
 #################################################################################
 #                                   Kernels                                     #
 #################################################################################
+# A row of d elements is held as two power-of-two blocks (Triton's blocks are powers of two): a = [0, BA) and
+# b = [BA, BA + BB), with masks ma and mb. At d = 1152 the split 1024 + 128 pads nothing, where one 2048-lane
+# block would spend 44% of every instruction and register on padding. So each row vector below comes as a pair
+# (its a and b blocks), and every sum over a row adds the two blocks' sums.
+# Loads say how long their data is worth keeping in L2: the rows of sources, h, dx and dh are read once per
+# kernel ("evict_first"); the query, gamma and the per-sample adaLN rows by many programs ("evict_last").
 
 @triton.jit
-def _query(Q, GAMMA, row, T, offs, mask, D: tl.constexpr, Q_MODE: tl.constexpr):
-    """q * gamma for this row, fp32: the gain folds into the query, so a key costs no extra multiply."""
+def _load(PTR, offs, mask, KEEP: tl.constexpr = False):
+    """One block of a row, in fp32."""
+    if KEEP:
+        return tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    return tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+
+
+@triton.jit
+def _store(PTR, oa, ma, a, ob, mb, b):
+    """A row, blocks a and b, in PTR's element type."""
+    tl.store(PTR + oa, a.to(PTR.dtype.element_ty), mask=ma)
+    tl.store(PTR + ob, b.to(PTR.dtype.element_ty), mask=mb)
+
+
+@triton.jit
+def _query(Q, row, T, offs, mask, D: tl.constexpr, Q_MODE: tl.constexpr):
+    """One block of this row's query, fp32. The kernels fold the keys' gain into it, qw = q * gamma, so a key
+    costs no extra multiply."""
     if Q_MODE == 0:  # one vector (static)
-        q = tl.load(Q + offs, mask=mask, other=0.0).to(tl.float32)
+        return _load(Q, offs, mask, KEEP=True)
     elif Q_MODE == 1:  # one per sample (explicit)
-        q = tl.load(Q + (row // T) * D + offs, mask=mask, other=0.0).to(tl.float32)
-    else:  # one per token (dynamic)
-        q = tl.load(Q + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-    return q, q * tl.load(GAMMA + offs, mask=mask, other=0.0).to(tl.float32)
+        return _load(Q + (row // T) * D, offs, mask, KEEP=True)
+    return _load(Q + row * D, offs, mask)  # one per token (dynamic)
 
 
 @triton.jit
@@ -93,42 +124,49 @@ def _tile(SRC, i, N, U: tl.constexpr, TYPE: tl.constexpr):
 
 
 @triton.jit
-def _logits(v, qw, D: tl.constexpr, SM_SCALE: tl.constexpr):
-    """For a [U, BD] tile of sources: s = q . (v * rstd * gamma) / sqrt(d) and rstd = 1 / RMS(v), both [U]
-    fp32."""
-    rstd = tl.rsqrt(tl.sum(v * v, axis=1) / D + EPS)
-    return tl.sum(v * qw[None, :], axis=1) * rstd * SM_SCALE, rstd
+def _sources(ptrs, valid, base, offs, mask):
+    """One block of U source rows, [U, block] in fp32 (zero where the source or the lane is padding)."""
+    return tl.load(ptrs[:, None] + base + offs[None, :], mask=valid[:, None] & mask[None, :], other=0.0,
+                   eviction_policy="evict_first").to(tl.float32)
 
 
 @triton.jit
-def _softmax_mix(SRC, N, base, offs, mask, qw, D: tl.constexpr, U: tl.constexpr, SM_SCALE: tl.constexpr,
-                 TYPE: tl.constexpr):
-    """One pass over a row's sources, U at a time, with an online softmax; returns (m, Z, h) with
+def _logits(va, vb, qwa, qwb, D: tl.constexpr, SM_SCALE: tl.constexpr):
+    """For U source rows (blocks va, vb): s = q . (v * rstd * gamma) / sqrt(d) and rstd = 1 / RMS(v), both [U]
+    fp32."""
+    rstd = tl.rsqrt((tl.sum(va * va, axis=1) + tl.sum(vb * vb, axis=1)) / D + EPS)
+    return (tl.sum(va * qwa[None, :], axis=1) + tl.sum(vb * qwb[None, :], axis=1)) * rstd * SM_SCALE, rstd
+
+
+@triton.jit
+def _softmax_mix(SRC, N, base, oa, ma, ob, mb, qwa, qwb, D: tl.constexpr, U: tl.constexpr,
+                 STAGES: tl.constexpr, SM_SCALE: tl.constexpr, TYPE: tl.constexpr):
+    """One pass over a row's sources, U at a time, with an online softmax; returns (m, Z, ha, hb) with
     h = sum_i p_i v_i."""
     m = tl.full([], float("-inf"), tl.float32)  # running max of the logits
     z = tl.zeros([], tl.float32)  # running sum of exp(s_i - m)
-    acc = tl.zeros_like(qw)  # running sum of exp(s_i - m) v_i
-    for i in range(0, N, U):
+    acc_a, acc_b = tl.zeros_like(qwa), tl.zeros_like(qwb)  # running sum of exp(s_i - m) v_i
+    for i in tl.range(0, N, U, num_stages=STAGES):
         ptrs, valid = _tile(SRC, i, N, U, TYPE)
-        v = tl.load(ptrs[:, None] + base + offs[None, :], mask=valid[:, None] & mask[None, :], other=0.0)
-        v = v.to(tl.float32)
-        s, _ = _logits(v, qw, D, SM_SCALE)
+        va, vb = _sources(ptrs, valid, base, oa, ma), _sources(ptrs, valid, base, ob, mb)
+        s, _ = _logits(va, vb, qwa, qwb, D, SM_SCALE)
         s = tl.where(valid, s, float("-inf"))  # padding gets no weight
         m_new = tl.maximum(m, tl.max(s, axis=0))
         r, p = tl.exp(m - m_new), tl.exp(s - m_new)
         z = z * r + tl.sum(p, axis=0)
-        acc = acc * r + tl.sum(p[:, None] * v, axis=0)
+        acc_a = acc_a * r + tl.sum(p[:, None] * va, axis=0)
+        acc_b = acc_b * r + tl.sum(p[:, None] * vb, axis=0)
         m = m_new
-    return m, z, acc / z
+    return m, z, acc_a / z, acc_b / z
 
 
 @triton.jit
-def _layer_norm(h, mask, D: tl.constexpr):
-    """(h - mean) / std over the row (no affine), with the padding lanes kept at zero; returns (xhat, rstd)."""
-    mean = tl.sum(h, axis=0) / D
-    hc = tl.where(mask, h - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(hc * hc, axis=0) / D + EPS)
-    return hc * rstd, rstd
+def _layer_norm(ha, ma, hb, mb, D: tl.constexpr):
+    """(h - mean) / std over the row (no affine), padding lanes kept at zero; returns (xhat_a, xhat_b, rstd)."""
+    mean = (tl.sum(ha, axis=0) + tl.sum(hb, axis=0)) / D
+    ca, cb = tl.where(ma, ha - mean, 0.0), tl.where(mb, hb - mean, 0.0)
+    rstd = tl.rsqrt((tl.sum(ca * ca, axis=0) + tl.sum(cb * cb, axis=0)) / D + EPS)
+    return ca * rstd, cb * rstd, rstd
 
 
 @triton.autotune(configs=_configs("fwd"), key=["D", "NB", "Q_MODE", "HAS_MOD", "STORE_H", "SAVE"],
@@ -149,7 +187,8 @@ def _mix_fwd_kernel(
     T,  # rows per sample
     MOD_STRIDE,  # elements between the rows of shift and scale (views of the adaLN output are not copied)
     D: tl.constexpr,  # width d
-    BD: tl.constexpr,  # next power of two >= D
+    BA: tl.constexpr,  # the row's first block: the largest power of two below D
+    BB: tl.constexpr,  # its second block: D - BA rounded up to a power of two
     TYPE: tl.constexpr,  # the sources' element type
     Q_MODE: tl.constexpr,  # 0 one query, 1 one per sample, 2 one per row
     HAS_MOD: tl.constexpr,  # fuse LayerNorm + adaLN modulate
@@ -157,26 +196,42 @@ def _mix_fwd_kernel(
     SAVE: tl.constexpr,  # also write what the backward reads: h in fp32 and the log-sum-exp
     SM_SCALE: tl.constexpr,  # 1 / sqrt(D)
     U: tl.constexpr,  # sources per loop step (a config: PINNED, or autotuned)
+    STAGES: tl.constexpr,  # loop steps whose loads are in flight at once (a config; 1: no software pipelining)
 ):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BD)
-    mask = offs < D
+    oa, ob = tl.arange(0, BA), BA + tl.arange(0, BB)
+    ma, mb = oa < D, ob < D
     base = row * D
-    _, qw = _query(Q, GAMMA, row, T, offs, mask, D, Q_MODE)
-    m, z, h = _softmax_mix(SRC, N, base, offs, mask, qw, D, U, SM_SCALE, TYPE)
+    # The query and gain are loaded before the source loop. Shift and scale are not: held through the loop they
+    # cost up to 40 more registers per thread at d = 1152 (fewer programs per SM) to save one load latency per
+    # row; issued before the LayerNorm, their latency overlaps its reductions instead.
+    qwa = _query(Q, row, T, oa, ma, D, Q_MODE) * _load(GAMMA, oa, ma, KEEP=True)
+    qwb = _query(Q, row, T, ob, mb, D, Q_MODE) * _load(GAMMA, ob, mb, KEEP=True)
+    m, z, ha, hb = _softmax_mix(SRC, N, base, oa, ma, ob, mb, qwa, qwb, D, U, STAGES, SM_SCALE, TYPE)
     if SAVE:
         tl.store(LSE + row, m + tl.log(z))
-        tl.store(H32 + base + offs, h, mask=mask)
-    x = h
+        _store(H32 + base, oa, ma, ha, ob, mb, hb)
     if HAS_MOD:
         if STORE_H:
-            tl.store(H + base + offs, h.to(H.dtype.element_ty), mask=mask)
-        xhat, _ = _layer_norm(h, mask, D)
-        b = row // T
-        scale = tl.load(SCALE + b * MOD_STRIDE + offs, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(SHIFT + b * MOD_STRIDE + offs, mask=mask, other=0.0).to(tl.float32)
-        x = xhat * (1.0 + scale) + shift
-    tl.store(X + base + offs, x.to(X.dtype.element_ty), mask=mask)
+            _store(H + base, oa, ma, ha, ob, mb, hb)
+        mod = (row // T) * MOD_STRIDE
+        scale_a, scale_b = _load(SCALE + mod, oa, ma, KEEP=True), _load(SCALE + mod, ob, mb, KEEP=True)
+        shift_a, shift_b = _load(SHIFT + mod, oa, ma, KEEP=True), _load(SHIFT + mod, ob, mb, KEEP=True)
+        xa, xb, _ = _layer_norm(ha, ma, hb, mb, D)
+        _store(X + base, oa, ma, xa * (1.0 + scale_a) + shift_a, ob, mb, xb * (1.0 + scale_b) + shift_b)
+    else:
+        _store(X + base, oa, ma, ha, ob, mb, hb)
+
+
+@triton.jit
+def _source_grad(dptrs, valid, add, base, offs, mask, v, p, ds, c_q, c_v, dh, qw, TYPE: tl.constexpr):
+    """One block of dv_i = p_i dh + ds_i (c_q qw - c_v v_i) for U sources, added in place to what another reader
+    of v_i left in its gradient buffer where `add`, stored otherwise."""
+    ptrs = dptrs[:, None] + base + offs[None, :]
+    tile = valid[:, None] & mask[None, :]
+    dv = p[:, None] * dh[None, :] + ds[:, None] * (c_q[:, None] * qw[None, :] - c_v[:, None] * v)
+    dv += tl.load(ptrs, mask=tile & add[:, None], other=0.0, eviction_policy="evict_first").to(tl.float32)
+    tl.store(ptrs, dv.to(TYPE), mask=tile)
 
 
 @triton.autotune(configs=_configs("bwd"), key=["D", "NB", "Q_MODE", "HAS_MOD", "HAS_DH"], cache_results=True)
@@ -197,79 +252,81 @@ def _mix_bwd_kernel(
     J,  # programs per sample
     R,  # rows per program
     MOD_STRIDE,  # as in the forward
-    D: tl.constexpr, BD: tl.constexpr, TYPE: tl.constexpr, Q_MODE: tl.constexpr,
-    HAS_MOD: tl.constexpr, HAS_DH: tl.constexpr, SM_SCALE: tl.constexpr, U: tl.constexpr,
+    D: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, TYPE: tl.constexpr, Q_MODE: tl.constexpr,
+    HAS_MOD: tl.constexpr, HAS_DH: tl.constexpr, SM_SCALE: tl.constexpr, U: tl.constexpr, STAGES: tl.constexpr,
 ):
     # Program (b, j) owns rows [j R, (j + 1) R) of sample b, so its dshift/dscale partials belong to one sample.
     b, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    offs = tl.arange(0, BD)
-    mask = offs < D
-    dgamma = tl.zeros([BD], tl.float32)
-    dq_sum = tl.zeros([BD], tl.float32)
-    dshift = tl.zeros([BD], tl.float32)
-    dscale = tl.zeros([BD], tl.float32)
+    oa, ob = tl.arange(0, BA), BA + tl.arange(0, BB)
+    ma, mb = oa < D, ob < D
+    zero_a, zero_b = tl.zeros([BA], tl.float32), tl.zeros([BB], tl.float32)
+    dgamma_a, dgamma_b, dq_a, dq_b = zero_a, zero_b, zero_a, zero_b
+    dshift_a, dshift_b, dscale_a, dscale_b = zero_a, zero_b, zero_a, zero_b
+    gamma_a, gamma_b = _load(GAMMA, oa, ma, KEEP=True), _load(GAMMA, ob, mb, KEEP=True)
     if HAS_MOD:
-        scale = tl.load(SCALE + b * MOD_STRIDE + offs, mask=mask, other=0.0).to(tl.float32)
+        scale_a = _load(SCALE + b * MOD_STRIDE, oa, ma, KEEP=True)
+        scale_b = _load(SCALE + b * MOD_STRIDE, ob, mb, KEEP=True)
     for t in range(j * R, tl.minimum(j * R + R, T)):
         row = b * T + t
         base = row * D
-        q, qw = _query(Q, GAMMA, row, T, offs, mask, D, Q_MODE)
+        qa, qb = _query(Q, row, T, oa, ma, D, Q_MODE), _query(Q, row, T, ob, mb, D, Q_MODE)
+        qwa, qwb = qa * gamma_a, qb * gamma_b
         # The forward saved h and lse = m + log Z, so one pass over the sources suffices: recovering them would
         # read every source a second time, and h costs one fp32 row (fp32, as the reference's autograd keeps it:
         # a rounded h would shift delta below, which the softmax backward subtracts from like-sized terms).
         lse = tl.load(LSE + row)
-        h = tl.load(H32 + base + offs, mask=mask, other=0.0)
+        ha, hb = _load(H32 + base, oa, ma), _load(H32 + base, ob, mb)
         # dh from x = LN(h) * (1 + scale) + shift: dxhat = dx (1 + scale), then the LayerNorm backward
         # dh = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
-        dx = tl.load(DX + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dxa, dxb = _load(DX + base, oa, ma), _load(DX + base, ob, mb)
         if HAS_MOD:
-            xhat, rstd_ln = _layer_norm(h, mask, D)
-            dshift += dx
-            dscale += dx * xhat
-            dxhat = dx * (1.0 + scale)
-            dh = rstd_ln * (dxhat - tl.sum(dxhat, axis=0) / D - xhat * (tl.sum(dxhat * xhat, axis=0) / D))
-            dh = tl.where(mask, dh, 0.0)
+            xa, xb, rstd_ln = _layer_norm(ha, ma, hb, mb, D)
+            dshift_a, dshift_b = dshift_a + dxa, dshift_b + dxb
+            dscale_a, dscale_b = dscale_a + dxa * xa, dscale_b + dxb * xb
+            ga, gb = dxa * (1.0 + scale_a), dxb * (1.0 + scale_b)
+            mean_g = (tl.sum(ga, axis=0) + tl.sum(gb, axis=0)) / D
+            mean_gx = (tl.sum(ga * xa, axis=0) + tl.sum(gb * xb, axis=0)) / D
+            dha = tl.where(ma, rstd_ln * (ga - mean_g - xa * mean_gx), 0.0)
+            dhb = tl.where(mb, rstd_ln * (gb - mean_g - xb * mean_gx), 0.0)
         else:
-            dh = dx
+            dha, dhb = dxa, dxb
         if HAS_DH:
-            dh += tl.load(DH + base + offs, mask=mask, other=0.0).to(tl.float32)
+            dha, dhb = dha + _load(DH + base, oa, ma), dhb + _load(DH + base, ob, mb)
         # U sources at a time, with p_i = exp(s_i - lse) and delta = sum_i p_i <dh, v_i> = <dh, h>:
         #   ds_i = p_i (<dh, v_i> - delta)                                   (softmax backward)
         #   dv_i = p_i dh + ds_i (rstd_i qw / sqrt(d) - s_i rstd_i^2 v_i / d)  (weighted sum + logit through RMSNorm)
         #   dqw += ds_i rstd_i v_i / sqrt(d)                                 (then dq = dqw gamma, dgamma = dqw q)
         # dv_i goes into its buffer, added to what later readers of v_i left there (no separate dv per reader).
-        delta = tl.sum(dh * h, axis=0)
-        dqw = tl.zeros([BD], tl.float32)
-        for i in range(0, N, U):
+        delta = tl.sum(dha * ha, axis=0) + tl.sum(dhb * hb, axis=0)
+        dqwa, dqwb = zero_a, zero_b
+        for i in tl.range(0, N, U, num_stages=STAGES):
             ptrs, valid = _tile(SRC, i, N, U, TYPE)
             dptrs, _ = _tile(DSRC, i, N, U, TYPE)
             add = tl.load(ACC + i + tl.arange(0, U), mask=valid, other=0) != 0
-            tile = valid[:, None] & mask[None, :]
-            v = tl.load(ptrs[:, None] + base + offs[None, :], mask=tile, other=0.0).to(tl.float32)
-            s, rstd = _logits(v, qw, D, SM_SCALE)
+            va, vb = _sources(ptrs, valid, base, oa, ma), _sources(ptrs, valid, base, ob, mb)
+            s, rstd = _logits(va, vb, qwa, qwb, D, SM_SCALE)
             p = tl.where(valid, tl.exp(s - lse), 0.0)
-            ds = p * (tl.sum(dh[None, :] * v, axis=1) - delta)
-            dv = p[:, None] * dh[None, :] + ds[:, None] * (
-                (rstd * SM_SCALE)[:, None] * qw[None, :] - (s * rstd * rstd / D)[:, None] * v)
-            dv += tl.load(dptrs[:, None] + base + offs[None, :], mask=tile & add[:, None], other=0.0).to(tl.float32)
-            tl.store(dptrs[:, None] + base + offs[None, :], dv.to(TYPE), mask=tile)
-            dqw += tl.sum((ds * rstd * SM_SCALE)[:, None] * v, axis=0)
-        gamma = tl.load(GAMMA + offs, mask=mask, other=0.0).to(tl.float32)
-        dgamma += dqw * q
+            ds = p * (tl.sum(dha[None, :] * va, axis=1) + tl.sum(dhb[None, :] * vb, axis=1) - delta)
+            c_q, c_v = rstd * SM_SCALE, s * rstd * rstd / D
+            _source_grad(dptrs, valid, add, base, oa, ma, va, p, ds, c_q, c_v, dha, qwa, TYPE)
+            _source_grad(dptrs, valid, add, base, ob, mb, vb, p, ds, c_q, c_v, dhb, qwb, TYPE)
+            dqwa += tl.sum((ds * c_q)[:, None] * va, axis=0)
+            dqwb += tl.sum((ds * c_q)[:, None] * vb, axis=0)
+        dgamma_a, dgamma_b = dgamma_a + dqwa * qa, dgamma_b + dqwb * qb
         if Q_MODE == 2:
-            tl.store(DQ + base + offs, (dqw * gamma).to(DQ.dtype.element_ty), mask=mask)
+            _store(DQ + base, oa, ma, dqwa * gamma_a, ob, mb, dqwb * gamma_b)
         else:
-            dq_sum += dqw * gamma
+            dq_a, dq_b = dq_a + dqwa * gamma_a, dq_b + dqwb * gamma_b
     # Only the partials of gradients that exist: a plane each, (B, J, D) apart.
-    part = PART + (b * J + j) * D + offs
+    part = PART + (b * J + j) * D
     plane = tl.num_programs(0).to(tl.int64) * J * D
-    tl.store(part, dgamma, mask=mask)
+    _store(part, oa, ma, dgamma_a, ob, mb, dgamma_b)
     if Q_MODE < 2:
         part += plane
-        tl.store(part, dq_sum, mask=mask)
+        _store(part, oa, ma, dq_a, ob, mb, dq_b)
     if HAS_MOD:
-        tl.store(part + plane, dshift, mask=mask)
-        tl.store(part + 2 * plane, dscale, mask=mask)
+        _store(part + plane, oa, ma, dshift_a, ob, mb, dshift_b)
+        _store(part + 2 * plane, oa, ma, dscale_a, ob, mb, dscale_b)
 
 
 #################################################################################
@@ -332,8 +389,9 @@ def _check(sources, q, gamma, shift, scale):
 
 def _meta(sources):
     N, D = len(sources), sources[0].shape[-1]
-    return dict(N=N, NB=triton.next_power_of_2(N), D=D, BD=triton.next_power_of_2(D), TYPE=TYPES[sources[0].dtype],
-                SM_SCALE=1.0 / math.sqrt(D))
+    BA = max(1, triton.next_power_of_2(D) // 2)  # the largest power of two below D, the rest rounded up to one
+    return dict(N=N, NB=triton.next_power_of_2(N), D=D, BA=BA, BB=triton.next_power_of_2(max(1, D - BA)),
+                TYPE=TYPES[sources[0].dtype], SM_SCALE=1.0 / math.sqrt(D))
 
 
 def _modulation(shift, scale, fallback):
@@ -554,30 +612,74 @@ def fused_mix_with_tokens(sources, tokens, hand_on, q, gamma, shift=None, scale=
 #                                   Benchmark                                   #
 #################################################################################
 
+def _timer(device):
+    """A function timing a function in ms: the median of triton.testing.do_bench on a GPU, of 3 wall-clock runs on
+    a CPU (under TRITON_INTERPRET=1, only to exercise the code)."""
+    import time
+
+    if device.type == "cuda":
+        from triton import testing
+
+        return lambda fn: testing.do_bench(fn, return_mode="median")  # its default summary is the mean
+
+    def do_bench(fn, reps=3):
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[reps // 2]
+    return do_bench
+
+
+def _copy_gbs(nbytes, device, do_bench):
+    big = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return 2 * big.numel() / do_bench(lambda: big.clone()) / 1e6
+
+
+def config_table(batch=32, T=256, d=1152, N=57, dtype=torch.bfloat16):
+    """Every config each kernel may run (CONFIGS), timed alone at the working point (per-token query, LayerNorm
+    fused, h saved), in ms and GB/s of the bytes it moves (traffic() below) as a fraction of a device-to-device
+    copy, the pinned one marked: the figures PINNED should be chosen by."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    do_bench = _timer(device)
+    randn = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
+    sources, q, dx = [randn(batch, T, d) for _ in range(N)], 0.1 * randn(batch, T, d), randn(batch, T, d)
+    gamma, shift, scale = torch.ones(d, device=device), randn(batch, d), randn(batch, d)
+    _, _, h32, lse = mix_forward(sources, q, gamma, shift, scale, True, True)
+    dsources, accumulate = [torch.empty_like(s) for s in sources], [False] * N
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    kinds = {"fwd": (_mix_fwd_kernel, lambda: mix_forward(sources, q, gamma, shift, scale, True, True),
+                     traffic("mix", (sources, None, None, None, q, gamma, shift, scale, True, True), sms)[0][0]),
+             "bwd": (_mix_bwd_kernel, lambda: mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32,
+                                                           lse, dx, None),
+                     traffic("mix_backward", (sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx,
+                                              None), sms)[0][0])}
+    copy_gbs = _copy_gbs(16 * sources[0].numel() * sources[0].element_size(), device, do_bench)
+    print(f"every config alone: B = {batch}, T = {T}, d = {d}, N = {N}, {dtype}; copy {copy_gbs:.0f} GB/s")
+    print("| kernel | U | warps | stages | ms | GB/s | of copy | pinned |\n|---|---|---|---|---|---|---|---|")
+    for kind, (k, run, nbytes) in kinds.items():
+        saved = k.configs
+        for c in CONFIGS[kind]:
+            k.configs = [c]  # a single config runs without benchmarking
+            ms = do_bench(run)
+            pinned = "yes" if (c.kwargs, c.num_warps) == (PINNED[kind].kwargs, PINNED[kind].num_warps) else ""
+            print(f"| {kind} | {c.kwargs['U']} | {c.num_warps} | {c.kwargs['STAGES']} | {ms:.3f} | "
+                  f"{nbytes / ms / 1e6:.0f} | {nbytes / ms / 1e6 / copy_gbs:.0%} | {pinned} |")
+        k.configs = saved
+
+
 def benchmark(batch=32, T=256, d=1152, counts=(5, 9, 18, 57), dtype=torch.bfloat16):
     """Naive (dar.mix under autograd, as the model runs it) vs fused, with a per-token (dynamic) query, printed
     as one table: forward / backward / both times and speed-ups, the fused path's GB/s against the minimum
     bytes each pass must move and as a fraction of a device-to-device copy measured in the same run, and the
     peak memory each path allocates above its inputs in the forward and in the backward. On a CPU (under
     TRITON_INTERPRET=1, for gpu_check.py --smoke) the times are wall-clock medians and there is no memory."""
-    import time
-
     import dar
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    if cuda:
-        from triton import testing
-
-        do_bench = lambda fn: testing.do_bench(fn, return_mode="median")  # its default summary is the mean
-    else:
-        def do_bench(fn, reps=3):
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return sorted(times)[reps // 2]
+    do_bench = _timer(device)
 
     def peak_above(fn, base):
         if not cuda:
@@ -588,8 +690,7 @@ def benchmark(batch=32, T=256, d=1152, counts=(5, 9, 18, 57), dtype=torch.bfloat
 
     torch.backends.cuda.matmul.allow_tf32 = False
     io = batch * T * d * torch.tensor([], dtype=dtype).element_size()  # bytes of one (B, T, d) tensor
-    big = torch.empty(16 * io, dtype=torch.uint8, device=device)
-    copy_gbs = 2 * big.numel() / do_bench(lambda: big.clone()) / 1e6
+    copy_gbs = _copy_gbs(16 * io, device, do_bench)
     name = torch.cuda.get_device_name(device) if cuda else "CPU (Triton interpreter)"
     print(f"{name}: B = {batch}, T = {T}, d = {d}, {dtype}, per-token query; device-to-device copy {copy_gbs:.0f} GB/s")
     head = (f"{'N':>3} {'LN':>3} | {'naive ms fwd':>12} {'bwd':>7} {'f+b':>7} | {'fused ms fwd':>12} {'bwd':>7} "
@@ -637,10 +738,13 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description="naive vs fused DAR aggregation at the SiT-XL/2 working point")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, so that a CPU runs it under TRITON_INTERPRET=1")
-    if p.parse_args(argv).smoke:
-        benchmark(batch=2, T=4, d=16, counts=(2, 3), dtype=torch.float32)
+    p.add_argument("--configs", action="store_true", help="time every config of each kernel alone instead")
+    args = p.parse_args(argv)
+    if args.smoke:
+        (config_table(batch=2, T=4, d=16, N=3, dtype=torch.float32) if args.configs else
+         benchmark(batch=2, T=4, d=16, counts=(2, 3), dtype=torch.float32))
     elif not torch.cuda.is_available():
         raise SystemExit("python kernel.py benchmarks on a CUDA GPU; on a CPU run the parity tests instead: "
                          "python -m pytest -q test_parity.py (or python kernel.py --smoke under TRITON_INTERPRET=1)")
     else:
-        benchmark()
+        config_table() if args.configs else benchmark()

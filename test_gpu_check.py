@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import kernel
+
 
 def test_gpu_check_smoke_runs_every_part(tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))
@@ -12,7 +14,9 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
                          capture_output=True, text=True, cwd=here, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     report = out.read_text()
-    for part in ("parity", "kernel", "step", "throughput", "exact"):
+    for part in ("parity", "kernel", "configs", "step", "throughput", "exact"):
         assert f"## {part}: ok" in report, report
+    pinned = kernel.PINNED["bwd"]  # --configs: a row per config, the pinned one marked
+    assert f"| bwd | {pinned.kwargs['U']} | {pinned.num_warps} | {pinned.kwargs['STAGES']} |" in report
     assert "two runs identical: True; resumed run identical: True" in report
     assert "| CPU | SiT-S/2 | dynamic c4 |" in report and "images/s" in report
