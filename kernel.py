@@ -23,9 +23,9 @@ rows of loads are in flight at once (STAGES steps of them with software pipelini
 every N. A row is held as two power-of-two blocks, so no lane is padding at SiT's widths. U, the warps and
 STAGES are pinned (PINNED below), so that runs are bit-reproducible; DAR_AUTOTUNE=1 lets the autotuner choose.
 
-    python kernel.py              naive vs fused at the SiT-XL/2 working point (needs a CUDA GPU)
-    python kernel.py --configs    every config of each kernel timed alone there (needs a CUDA GPU)
-    python sm90.py                what they compile to for an H100, on a machine without one (docs/kernel.md)
+    python gpu_check.py --part=kernel     naive vs fused at the SiT-XL/2 working point (on a CUDA GPU)
+    python gpu_check.py --part=configs    every config of each kernel timed alone there (on a CUDA GPU)
+    python sm90.py                        what they compile to for an H100, on a machine without one
 
 Tests: test_parity.py (on a CPU under TRITON_INTERPRET=1 at small shapes, at full size on a GPU).
 """
@@ -36,11 +36,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-if __name__ == "__main__":  # `python kernel.py`: run the imported module, so that its custom ops are registered
-    import kernel  # once (the benchmark's reference, dar.py, imports this file too)
-
-    raise SystemExit(kernel.main())
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = tl.constexpr(1e-6)  # of the keys' RMSNorm and the output LayerNorm, as in dar.mix and SiT
@@ -606,145 +601,3 @@ def fused_mix_with_tokens(sources, tokens, hand_on, q, gamma, shift=None, scale=
     if shift is None:
         h = x
     return x, (h if need_h else None), new_tokens
-
-
-#################################################################################
-#                                   Benchmark                                   #
-#################################################################################
-
-def _timer(device):
-    """A function timing a function in ms: the median of triton.testing.do_bench on a GPU, of 3 wall-clock runs on
-    a CPU (under TRITON_INTERPRET=1, only to exercise the code)."""
-    import time
-
-    if device.type == "cuda":
-        from triton import testing
-
-        return lambda fn: testing.do_bench(fn, return_mode="median")  # its default summary is the mean
-
-    def do_bench(fn, reps=3):
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[reps // 2]
-    return do_bench
-
-
-def _copy_gbs(nbytes, device, do_bench):
-    big = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return 2 * big.numel() / do_bench(lambda: big.clone()) / 1e6
-
-
-def config_table(batch=32, T=256, d=1152, N=57, dtype=torch.bfloat16):
-    """Every config each kernel may run (CONFIGS), timed alone at the working point (per-token query, LayerNorm
-    fused, h saved), in ms and GB/s of the bytes it moves (traffic() below) as a fraction of a device-to-device
-    copy, the pinned one marked: the figures PINNED should be chosen by."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    do_bench = _timer(device)
-    randn = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
-    sources, q, dx = [randn(batch, T, d) for _ in range(N)], 0.1 * randn(batch, T, d), randn(batch, T, d)
-    gamma, shift, scale = torch.ones(d, device=device), randn(batch, d), randn(batch, d)
-    _, _, h32, lse = mix_forward(sources, q, gamma, shift, scale, True, True)
-    dsources, accumulate = [torch.empty_like(s) for s in sources], [False] * N
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    kinds = {"fwd": (_mix_fwd_kernel, lambda: mix_forward(sources, q, gamma, shift, scale, True, True),
-                     traffic("mix", (sources, None, None, None, q, gamma, shift, scale, True, True), sms)[0][0]),
-             "bwd": (_mix_bwd_kernel, lambda: mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32,
-                                                           lse, dx, None),
-                     traffic("mix_backward", (sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx,
-                                              None), sms)[0][0])}
-    copy_gbs = _copy_gbs(16 * sources[0].numel() * sources[0].element_size(), device, do_bench)
-    print(f"every config alone: B = {batch}, T = {T}, d = {d}, N = {N}, {dtype}; copy {copy_gbs:.0f} GB/s")
-    print("| kernel | U | warps | stages | ms | GB/s | of copy | pinned |\n|---|---|---|---|---|---|---|---|")
-    for kind, (k, run, nbytes) in kinds.items():
-        saved = k.configs
-        for c in CONFIGS[kind]:
-            k.configs = [c]  # a single config runs without benchmarking
-            ms = do_bench(run)
-            pinned = "yes" if (c.kwargs, c.num_warps) == (PINNED[kind].kwargs, PINNED[kind].num_warps) else ""
-            print(f"| {kind} | {c.kwargs['U']} | {c.num_warps} | {c.kwargs['STAGES']} | {ms:.3f} | "
-                  f"{nbytes / ms / 1e6:.0f} | {nbytes / ms / 1e6 / copy_gbs:.0%} | {pinned} |")
-        k.configs = saved
-
-
-def benchmark(batch=32, T=256, d=1152, counts=(5, 9, 18, 57), dtype=torch.bfloat16):
-    """Naive (dar.mix under autograd, as the model runs it) vs fused, with a per-token (dynamic) query, printed
-    as one table: forward / backward / both times and speed-ups, the fused path's GB/s against the minimum
-    bytes each pass must move and as a fraction of a device-to-device copy measured in the same run, and the
-    peak memory each path allocates above its inputs in the forward and in the backward. On a CPU (under
-    TRITON_INTERPRET=1, for gpu_check.py --smoke) the times are wall-clock medians and there is no memory."""
-    import dar
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    do_bench = _timer(device)
-
-    def peak_above(fn, base):
-        if not cuda:
-            return float("nan"), fn()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        return torch.cuda.max_memory_allocated() - base, out
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    io = batch * T * d * torch.tensor([], dtype=dtype).element_size()  # bytes of one (B, T, d) tensor
-    copy_gbs = _copy_gbs(16 * io, device, do_bench)
-    name = torch.cuda.get_device_name(device) if cuda else "CPU (Triton interpreter)"
-    print(f"{name}: B = {batch}, T = {T}, d = {d}, {dtype}, per-token query; device-to-device copy {copy_gbs:.0f} GB/s")
-    head = (f"{'N':>3} {'LN':>3} | {'naive ms fwd':>12} {'bwd':>7} {'f+b':>7} | {'fused ms fwd':>12} {'bwd':>7} "
-            f"{'f+b':>7} | {'speed-up fwd':>12} {'bwd':>6} {'f+b':>6} | {'GB/s fwd':>8} {'bwd':>6} | "
-            f"{'of copy fwd':>11} {'bwd':>5} | {'peak MB fwd':>11} {'fused':>6} {'saved':>6} | "
-            f"{'peak MB bwd':>11} {'fused':>6} {'saved':>6}")
-    print(head + "\n" + "-" * len(head))
-    for N in counts:
-        for mod in (False, True):
-            srcs = [torch.randn(batch, T, d, dtype=dtype, device=device, requires_grad=True) for _ in range(N)]
-            q = (0.1 * torch.randn(batch, T, d, dtype=dtype, device=device)).requires_grad_()
-            gamma = torch.ones(d, device=device, requires_grad=True)
-            shift, scale = (torch.randn(batch, d, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
-            args = (srcs, q, gamma) + ((shift, scale) if mod else (None, None))
-            inputs = srcs + [q, gamma] + ([shift, scale] if mod else [])
-            dx = torch.randn(batch, T, d, dtype=dtype, device=device)
-            res = {}
-            for path, fn in (("naive", dar.mix), ("fused", fused_mix)):
-                fwd = lambda: fn(*args)[0]
-                both = lambda: torch.autograd.grad(fwd(), inputs, dx)
-                t_fwd, t_both = do_bench(fwd), do_bench(both)
-                if cuda:
-                    torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated() if cuda else 0
-                peak_fwd, out = peak_above(fwd, base)
-                peak_bwd, grads = peak_above(lambda y=out: torch.autograd.grad(y, inputs, dx), base)
-                del out, grads
-                res[path] = (t_fwd, t_both - t_fwd, t_both, peak_fwd / 1e6, peak_bwd / 1e6)
-            (nf, nb, nfb, nmf, nmb), (ff, fb, ffb, fmf, fmb) = res["naive"], res["fused"]
-            fwd_bytes = (N + 2) * io  # read the N sources and q once, write x
-            bwd_bytes = (2 * N + 3) * io  # read the sources and q once, write every dv_i and dq, read dx
-            gbs_f, gbs_b = fwd_bytes / ff / 1e6, bwd_bytes / fb / 1e6
-            print(f"{N:>3} {'yes' if mod else 'no':>3} | {nf:>12.3f} {nb:>7.3f} {nfb:>7.3f} | {ff:>12.3f} {fb:>7.3f} "
-                  f"{ffb:>7.3f} | {nf / ff:>11.1f}x {nb / fb:>5.1f}x {nfb / ffb:>5.1f}x | {gbs_f:>8.0f} {gbs_b:>6.0f} | "
-                  f"{gbs_f / copy_gbs:>11.0%} {gbs_b / copy_gbs:>5.0%} | {nmf:>11.0f} {fmf:>6.0f} {1 - fmf / nmf:>6.0%} | "
-                  f"{nmb:>11.0f} {fmb:>6.0f} {1 - fmb / nmb:>6.0%}")
-    print("LN: with the fused LayerNorm + adaLN modulate. Times: medians (triton.testing.do_bench on a GPU); bwd ="
-          "\n(fwd+bwd) - fwd. GB/s: minimum bytes (forward reads every source and q once and writes x; backward"
-          "\nreads every source, q and dx once and writes every dv_i and dq) over the fused time. Peak MB: allocated"
-          "\nabove the inputs during the forward (output included) and during the backward (the gradients included).")
-
-
-def main(argv=None):
-    import argparse
-
-    p = argparse.ArgumentParser(description="naive vs fused DAR aggregation at the SiT-XL/2 working point")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, so that a CPU runs it under TRITON_INTERPRET=1")
-    p.add_argument("--configs", action="store_true", help="time every config of each kernel alone instead")
-    args = p.parse_args(argv)
-    if args.smoke:
-        (config_table(batch=2, T=4, d=16, N=3, dtype=torch.float32) if args.configs else
-         benchmark(batch=2, T=4, d=16, counts=(2, 3), dtype=torch.float32))
-    elif not torch.cuda.is_available():
-        raise SystemExit("python kernel.py benchmarks on a CUDA GPU; on a CPU run the parity tests instead: "
-                         "python -m pytest -q test_parity.py (or python kernel.py --smoke under TRITON_INTERPRET=1)")
-    else:
-        config_table() if args.configs else benchmark()
