@@ -14,7 +14,7 @@ The query q_l comes in three variants (Eq. 6 and "Timestep injection"), chosen b
 All queries start at zero, so every aggregator starts as a uniform average of its sources.
 
 The source set S_l is chunked (Eq. 7) and a dedicated final aggregator (Eq. 11) feeds the prediction head;
-`sources` below is the one definition of both. Everything here is plain PyTorch: `mix` is the readable
+`sources` below is the one definition of both. Everything here is plain PyTorch: `aggregate_reference` is the readable
 reference of Eq. (5) and the CPU path, `aggregate` is the one place where the fused kernel (kernel.py)
 takes over.
 """
@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:
-    from kernel import fused_mix_with_tokens
+    from kernel import aggregate_fused_with_tokens
 except ImportError:  # no triton: only the reference path runs
-    fused_mix_with_tokens = None
+    aggregate_fused_with_tokens = None
 
 ROUTINGS = ("residual", "static", "explicit", "dynamic")
 FINAL_AGGS = ("dedicated", "reuse")
@@ -54,7 +54,7 @@ def sources(l, chunk, num_sublayers):
     return [j * S for j in range(N)] + list(range((N - 1) * S + 1, L + 1))
 
 
-def mix(sources, q, gamma, shift=None, scale=None, eps=1e-6):
+def aggregate_reference(sources, q, gamma, shift=None, scale=None, eps=1e-6):
     """Reference path of Eq. (5), optionally followed by the next sublayer's LayerNorm + adaLN modulate.
 
     sources: N tensors (B, T, d) of one dtype; q: (d,) static, (B, d) explicit or (B, T, d) dynamic;
@@ -83,9 +83,9 @@ def mix(sources, q, gamma, shift=None, scale=None, eps=1e-6):
 
 def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_h=False, need_alpha=False,
               tokens=None, hand_on=None):
-    """The one dispatch point between the fused kernel and the reference `mix`; same arguments and returns,
-    plus a fourth: the gradient tokens handed on (kernel.py, above _mix_op). The fused path returns h only when
-    need_h and never returns alpha (None instead).
+    """Eq. (5) on the fused kernel or the reference path: the one place that chooses. Arguments and returns as
+    `aggregate_reference`, plus a fourth return: the gradient tokens handed on (kernel.py, above _aggregate_op).
+    The fused path returns h only when need_h and never returns alpha (None instead).
 
     kernel: "torch" the reference path; "triton" the fused kernel (CUDA, or a CPU under TRITON_INTERPRET=1);
     "auto" the fused kernel on CUDA tensors, the reference elsewhere. need_alpha asks for the routing
@@ -94,14 +94,14 @@ def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_h=F
     fused path add every reader's gradient of a source into one buffer; the reference path leaves that to
     autograd and hands on no tokens.
     """
-    fused = kernel == "triton" or (kernel == "auto" and sources[0].is_cuda and fused_mix_with_tokens is not None)
+    fused = kernel == "triton" or (kernel == "auto" and sources[0].is_cuda and aggregate_fused_with_tokens is not None)
     if need_alpha or not fused:
-        return (*mix(sources, q, gamma, shift, scale), [])
-    if fused_mix_with_tokens is None:
+        return (*aggregate_reference(sources, q, gamma, shift, scale), [])
+    if aggregate_fused_with_tokens is None:
         raise RuntimeError("kernel='triton' needs the triton package (pip install triton); or use kernel='torch'")
     tokens = tokens if tokens is not None else [None] * len(sources)
     hand_on = hand_on if hand_on is not None else [False] * len(sources)
-    x, h, new_tokens = fused_mix_with_tokens(sources, tokens, hand_on, q, gamma, shift, scale, need_h)
+    x, h, new_tokens = aggregate_fused_with_tokens(sources, tokens, hand_on, q, gamma, shift, scale, need_h)
     return x, h, None, new_tokens
 
 
@@ -132,7 +132,7 @@ class Router(nn.Module):
         return self.query
 
 
-class Routers(nn.ModuleDict):
+class Routing(nn.ModuleDict):
     """Every aggregator of a DAR model, keyed by the paper's l: routers["1"] ... routers[str(L)], and
     routers["final"] for the dedicated final aggregator (Appendix C.3).
 
@@ -159,13 +159,14 @@ class Routers(nn.ModuleDict):
             return self[str(l)]
         return self["final"] if self.final_agg == "dedicated" else self[str(self.num_sublayers)]
 
-    def forward(self, l, vs, e, shift=None, scale=None, need_h=False, need_alpha=False, tokens=None):
-        """Aggregation l over vs, a dict {i: v_i} holding at least S_l; e is the timestep embedding (B, d).
+    def aggregate(self, l, vs, e, shift=None, scale=None, need_h=False, need_alpha=False, tokens=None):
+        """Aggregation l (Eq. 5) over vs, a dict {i: v_i} holding at least S_l; e is the timestep embedding (B, d).
+        With shift and scale it is followed by sublayer l's LayerNorm + modulate, so x is the sublayer's input.
 
         The query input is v_{l-1}, which is always in S_l; for the final aggregator it is v_L (Eq. 6).
         tokens, a dict {i: token} kept over one forward pass, lets the fused kernel accumulate each source's
         gradient over its readers in one buffer (kernel.py); this call takes the tokens of S_l from it and
-        leaves the new ones there. Returns (x, h, alpha) as `mix` does.
+        leaves the new ones there. Returns (x, h, alpha) as `aggregate_reference` does.
         """
         router = self.router(l)
         q = router(vs[l - 1], e)

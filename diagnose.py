@@ -83,7 +83,7 @@ def trace(model, x, t, y, gates=False):
     vs = [v0]
     for l, (norm, (shift, scale, gate), f) in enumerate(sublayers, start=1):
         if cfg.routing != "residual":
-            xin, h, alpha = model.routers(l, dict(enumerate(vs)), e, shift, scale, need_h=True, need_alpha=True)
+            xin, h, alpha = model.routers.aggregate(l, dict(enumerate(vs)), e, shift, scale, need_h=True, need_alpha=True)
             out["alpha"].append(alpha)
         else:
             if gates is not False:

@@ -94,15 +94,15 @@ def configs_part(smoke):
     randn = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
     sources, q, dx = [randn(batch, T, d) for _ in range(N)], 0.1 * randn(batch, T, d), randn(batch, T, d)
     gamma, shift, scale = torch.ones(d, device=device), randn(batch, d), randn(batch, d)
-    _, _, h32, lse = kernel.mix_forward(sources, q, gamma, shift, scale, True, True)
+    _, _, h32, lse = kernel.launch_forward(sources, q, gamma, shift, scale, True, True)
     dsources, accumulate = [torch.empty_like(s) for s in sources], [False] * N
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    kinds = {"fwd": (kernel._mix_fwd_kernel, lambda: kernel.mix_forward(sources, q, gamma, shift, scale, True, True),
-                     kernel.traffic("mix", (sources, None, None, None, q, gamma, shift, scale, True, True), sms)[0][0]),
-             "bwd": (kernel._mix_bwd_kernel, lambda: kernel.mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32,
-                                                           lse, dx, None),
-                     kernel.traffic("mix_backward", (sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx,
-                                              None), sms)[0][0])}
+    fwd_args = (sources, q, gamma, shift, scale, True, True)
+    bwd_args = (sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, None)
+    kinds = {"fwd": (kernel._forward_kernel, lambda: kernel.launch_forward(*fwd_args),
+                     kernel.traffic("aggregate", (sources, None, None, None, *fwd_args[1:]), sms)[0][0]),
+             "bwd": (kernel._backward_kernel, lambda: kernel.launch_backward(*bwd_args),
+                     kernel.traffic("aggregate_backward", bwd_args, sms)[0][0])}
     copy_gbs = measure_copy(16 * sources[0].numel() * sources[0].element_size(), device, do_bench)
     print(f"every config alone: B = {batch}, T = {T}, d = {d}, N = {N}, {dtype}; copy {copy_gbs:.0f} GB/s")
     print("| kernel | U | warps | stages | ms | GB/s | of copy | pinned |\n|---|---|---|---|---|---|---|---|")
@@ -111,15 +111,16 @@ def configs_part(smoke):
         for c in kernel.CONFIGS[kind]:
             k.configs = [c]  # a single config runs without benchmarking
             ms = do_bench(run)
-            pinned = "yes" if (c.kwargs, c.num_warps) == (kernel.PINNED[kind].kwargs, kernel.PINNED[kind].num_warps) else ""
+            pinned = kernel.PINNED[kind]
+            pinned = "yes" if (c.kwargs, c.num_warps) == (pinned.kwargs, pinned.num_warps) else ""
             print(f"| {kind} | {c.kwargs['U']} | {c.num_warps} | {c.kwargs['STAGES']} | {ms:.3f} | "
                   f"{nbytes / ms / 1e6:.0f} | {nbytes / ms / 1e6 / copy_gbs:.0%} | {pinned} |")
         k.configs = saved
 
 
 def kernel_part(smoke):
-    """Naive (dar.mix under autograd, as the model runs it) vs fused, with a per-token (dynamic) query, printed
-    as one table: forward / backward / both times and speed-ups, the fused path's GB/s against the minimum
+    """Naive (dar.aggregate_reference under autograd, as the model runs it) vs fused, with a per-token (dynamic)
+    query, printed as one table: forward / backward / both times and speed-ups, the fused path's GB/s against the minimum
     bytes each pass must move and as a fraction of a device-to-device copy measured in the same run, and the
     peak memory each path allocates above its inputs in the forward and in the backward. On a CPU (under
     TRITON_INTERPRET=1, for --smoke) the times are wall-clock medians and there is no memory."""
@@ -162,7 +163,7 @@ def kernel_part(smoke):
             inputs = srcs + [q, gamma] + ([shift, scale] if mod else [])
             dx = torch.randn(batch, T, d, dtype=dtype, device=device)
             res = {}
-            for path, fn in (("naive", dar.mix), ("fused", kernel.fused_mix)):
+            for path, fn in (("naive", dar.aggregate_reference), ("fused", kernel.aggregate_fused)):
                 fwd = lambda: fn(*args)[0]
                 both = lambda: torch.autograd.grad(fwd(), inputs, dx)
                 t_fwd, t_both = do_bench(fwd), do_bench(both)

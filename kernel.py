@@ -4,8 +4,8 @@ The fused DAR aggregation (the paper's Appendix E), in Triton: for every token r
     h = sum_i softmax_i(q . RMSNorm(v_i) * gamma / sqrt(d)) v_i       (Eq. 5)
     x = LN(h) * (1 + scale) + shift                                     (optional: the next sublayer's input)
 
-Why a kernel. dar.mix, the reference, stacks the N sources into an fp32 (B, T, N, d) tensor, builds the keys,
-the logits, the weights and the weighted sum as separate ops, and autograd keeps several of those
+Why a kernel. The reference, dar.aggregate_reference, stacks the N sources into an fp32 (B, T, N, d) tensor,
+builds the keys, the logits, the weights and the weighted sum as separate ops, and autograd keeps several of those
 (B, T, N, d) intermediates alive until the backward: each source is read about four times forward and the
 activation memory grows with N (N = 57 for dense routing at SiT-XL/2). Here:
 - forward: one program per row streams the sources once with an online softmax (running max m, running sum Z,
@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-EPS = tl.constexpr(1e-6)  # of the keys' RMSNorm and the output LayerNorm, as in dar.mix and SiT
+EPS = tl.constexpr(1e-6)  # of the keys' RMSNorm and the output LayerNorm, as in dar.aggregate_reference and SiT
 
 
 # A config: U sources loaded per loop step (more bytes in flight per program, more registers), STAGES loop steps
@@ -167,7 +167,7 @@ def _layer_norm(ha, ma, hb, mb, D: tl.constexpr):
 @triton.autotune(configs=_configs("fwd"), key=["D", "NB", "Q_MODE", "HAS_MOD", "STORE_H", "SAVE"],
                  cache_results=True)
 @triton.jit(do_not_specialize=["N", "NB"])
-def _mix_fwd_kernel(
+def _forward_kernel(
     SRC,  # (N,) int64: the addresses of the sources v_i, each (M, D) contiguous
     N,  # number of sources
     NB,  # N rounded up to a power of two: with DAR_AUTOTUNE=1, a config is picked per such class of N
@@ -231,7 +231,7 @@ def _source_grad(dptrs, valid, add, base, offs, mask, v, p, ds, c_q, c_v, dh, qw
 
 @triton.autotune(configs=_configs("bwd"), key=["D", "NB", "Q_MODE", "HAS_MOD", "HAS_DH"], cache_results=True)
 @triton.jit(do_not_specialize=["N", "NB"])
-def _mix_bwd_kernel(
+def _backward_kernel(
     SRC,  # (N,) int64 source addresses, as in the forward
     DSRC,  # (N,) int64 addresses of the gradient buffers dL/dv_i, each (M, D) of the sources' type
     ACC,  # (N,) int32: 1 adds this aggregation's dv_i into its buffer (another reader wrote it), 0 stores it
@@ -358,7 +358,7 @@ def _addresses(tensors):
 def _check(sources, q, gamma, shift, scale):
     """Shapes, dtypes and devices a caller can get wrong, each with a clear error; returns (B, T, D, q_mode)."""
     if not sources:
-        raise ValueError("DAR mix needs at least one source")
+        raise ValueError("DAR aggregation needs at least one source")
     v = sources[0]
     if v.dim() != 3:
         raise ValueError(f"sources must be (B, T, d), got {tuple(v.shape)}")
@@ -399,7 +399,7 @@ def _modulation(shift, scale, fallback):
     return shift, scale, shift.stride(0)
 
 
-def mix_forward(sources, q, gamma, shift, scale, store_h, save):
+def launch_forward(sources, q, gamma, shift, scale, store_h, save):
     """Launch the forward; returns (x, h, h32, lse): h in the sources' type when store_h and the LayerNorm is
     fused, and when save what the backward reads, h32 (B, T, d) and lse (B, T) in fp32; else empty tensors."""
     B, T, D, q_mode = _check(sources, q, gamma, shift, scale)
@@ -414,7 +414,7 @@ def mix_forward(sources, q, gamma, shift, scale, store_h, save):
     lse = torch.empty(B, T, **fp32) if save else x.new_empty(0, dtype=torch.float32)
     shift, scale, mod_stride = _modulation(shift, scale, x)
     with _on(x.device):
-        _mix_fwd_kernel[(B * T,)](
+        _forward_kernel[(B * T,)](
             _addresses(sources), Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, X=x,
             H=h if store_h else x, H32=h32 if save else x, LSE=lse if save else x, T=T, MOD_STRIDE=mod_stride,
             Q_MODE=q_mode, HAS_MOD=has_mod, STORE_H=store_h, SAVE=save, **meta)
@@ -435,7 +435,7 @@ def _rows_per_program(B, T, device):
     return max(1, min(T, math.ceil(B * T / programs)))
 
 
-def mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, dh):
+def launch_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, dh):
     """Launch the one-pass backward. dL/dv_i goes into dsources[i], added to its contents where accumulate[i]
     (a later reader of v_i left its gradient there) and stored otherwise. Returns (dq, dgamma, dshift, dscale),
     the last two empty tensors when the LayerNorm was not fused."""
@@ -453,7 +453,7 @@ def mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse
     x = sources[0]
     shift, scale, mod_stride = _modulation(shift, scale, x)
     with _on(x.device):
-        _mix_bwd_kernel[(B, J)](
+        _backward_kernel[(B, J)](
             _addresses(sources), _addresses(dsources), _table([int(a) for a in accumulate], x.device, torch.int32),
             Q=q.contiguous(), GAMMA=gamma.contiguous(), SHIFT=shift, SCALE=scale, H32=h32, LSE=lse,
             DX=dx.contiguous(), DH=dh.contiguous() if dh is not None else x, DQ=dq_rows, PART=part, T=T, J=J, R=R,
@@ -466,11 +466,11 @@ def mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse
 
 
 def traffic(op, args, sms):
-    """[(bytes read + written, launches)] of one call of dar::mix or dar::mix_backward as their loops run on a
-    GPU with `sms` SMs (traffic.py counts training steps with it): the kernel, then (backward) the sums of its
+    """[(bytes read + written, launches)] of one call of dar::aggregate or dar::aggregate_backward as their loops
+    run on a GPU with `sms` SMs (traffic.py counts training steps with it): the kernel, then (backward) the sums of its
     partials. args are the op's arguments; only their shapes and dtypes are read."""
     nbytes = lambda t: t.numel() * t.element_size() if t is not None else 0
-    if op == "mix":
+    if op == "aggregate":
         sources, _, _, _, q, gamma, shift, scale, store_h, save = args
         v = sources[0]
         B, T, D = v.shape
@@ -513,16 +513,16 @@ def _tokens(like, wanted):
     return [like.new_zeros(()).expand(like.shape) for want in wanted if want]
 
 
-@torch.library.custom_op("dar::mix", mutates_args=(), **TAGS)
-def _mix_op(sources: list[torch.Tensor], tokens: list[torch.Tensor], has_token: list[bool], hand_on: list[bool],
+@torch.library.custom_op("dar::aggregate", mutates_args=(), **TAGS)
+def _aggregate_op(sources: list[torch.Tensor], tokens: list[torch.Tensor], has_token: list[bool], hand_on: list[bool],
             q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None,
             store_h: bool, save: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    x, h, h32, lse = mix_forward(sources, q, gamma, shift, scale, store_h, save)
+    x, h, h32, lse = launch_forward(sources, q, gamma, shift, scale, store_h, save)
     return x, h, h32, lse, _tokens(x, hand_on)
 
 
-@_mix_op.register_fake
+@_aggregate_op.register_fake
 def _(sources, tokens, has_token, hand_on, q, gamma, shift, scale, store_h, save):
     v = sources[0]
     x = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -532,15 +532,15 @@ def _(sources, tokens, has_token, hand_on, q, gamma, shift, scale, store_h, save
     return x, h, h32, lse, _tokens(x, hand_on)
 
 
-@torch.library.custom_op("dar::mix_backward", mutates_args=("dsources",), **TAGS)
-def _mix_backward_op(sources: list[torch.Tensor], dsources: list[torch.Tensor], accumulate: list[bool],
+@torch.library.custom_op("dar::aggregate_backward", mutates_args=("dsources",), **TAGS)
+def _aggregate_backward_op(sources: list[torch.Tensor], dsources: list[torch.Tensor], accumulate: list[bool],
                      q: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None,
                      h32: torch.Tensor, lse: torch.Tensor, dx: torch.Tensor, dh: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mix_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, dh)
+    return launch_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, dh)
 
 
-@_mix_backward_op.register_fake
+@_aggregate_backward_op.register_fake
 def _(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, dh):
     x = sources[0]
     mod = (torch.empty(shift.shape, dtype=shift.dtype, device=shift.device),
@@ -567,8 +567,8 @@ def _backward(ctx, dx, dh, _h32, _lse, dtokens):
         buffer = next(later) if handed else None
         accumulate.append(buffer is not None)
         dsources.append(buffer if buffer is not None else torch.empty_like(v, memory_format=torch.contiguous_format))
-    dq, dgamma, dshift, dscale = _mix_backward_op(sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx,
-                                                  dh)
+    dq, dgamma, dshift, dscale = _aggregate_backward_op(sources, dsources, accumulate, q, gamma, shift, scale, h32,
+                                                        lse, dx, dh)
     if shift is None:
         dshift = dscale = None
     # The buffer goes back to v_i from its first reader, else to the token this reader was given.
@@ -577,25 +577,25 @@ def _backward(ctx, dx, dh, _h32, _lse, dtokens):
     return dv, dtokens_in, None, None, dq, dgamma, dshift, dscale, None, None
 
 
-_mix_op.register_autograd(_backward, setup_context=_setup_context)
+_aggregate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_mix(sources, q, gamma, shift=None, scale=None, need_h=False):
-    """dar.mix's function on the fused kernel: returns (x, h, None); h is None unless need_h (the routing weights
-    are never materialised here, so the third entry is always None)."""
-    x, h, _ = fused_mix_with_tokens(sources, [None] * len(sources), [False] * len(sources), q, gamma, shift, scale,
-                                    need_h)
+def aggregate_fused(sources, q, gamma, shift=None, scale=None, need_h=False):
+    """dar.aggregate_reference on the fused kernel: returns (x, h, None); h is None unless need_h (the routing
+    weights are never materialised here, so the third entry is always None)."""
+    x, h, _ = aggregate_fused_with_tokens(sources, [None] * len(sources), [False] * len(sources), q, gamma, shift,
+                                          scale, need_h)
     return x, h, None
 
 
-def fused_mix_with_tokens(sources, tokens, hand_on, q, gamma, shift=None, scale=None, need_h=False):
-    """fused_mix for an aggregation that shares its sources' gradient buffers with their other readers (see the
-    comment above _mix_op). tokens: for each source, the token its previous reader handed on, or None for its
+def aggregate_fused_with_tokens(sources, tokens, hand_on, q, gamma, shift=None, scale=None, need_h=False):
+    """aggregate_fused for an aggregation that shares its sources' gradient buffers with their other readers (see the
+    comment above _aggregate_op). tokens: for each source, the token its previous reader handed on, or None for its
     first reader; hand_on: for each source, whether a later aggregation reads it. Returns (x, h, new_tokens),
     new_tokens holding the tokens of the sources handed on, in order."""
     inputs = (*sources, q, gamma, shift, scale)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    x, h, _, _, new_tokens = _mix_op(list(sources), [t for t in tokens if t is not None],
+    x, h, _, _, new_tokens = _aggregate_op(list(sources), [t for t in tokens if t is not None],
                                      [t is not None for t in tokens], list(hand_on), q, gamma, shift, scale, need_h,
                                      grad)
     if shift is None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from checkpoint import load_checkpoint, weights_of
-from dar import FINAL_AGGS, KERNELS, ROUTINGS, Routers
+from dar import FINAL_AGGS, KERNELS, ROUTINGS, Routing
 
 
 @dataclass
@@ -198,7 +198,7 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList([SiTBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(d, cfg.patch_size, self.out_channels)
         if cfg.routing != "residual":
-            self.routers = Routers(d, 2 * cfg.depth, cfg.routing, cfg.chunk, cfg.final_agg, cfg.kernel)
+            self.routers = Routing(d, 2 * cfg.depth, cfg.routing, cfg.chunk, cfg.final_agg, cfg.kernel)
         self.grad_checkpoint = False  # recompute blocks (residual) or sublayers (DAR) in the backward to save memory
         self.initialize_weights()
 
@@ -271,7 +271,8 @@ class SiT(nn.Module):
             h = v0
             for k, block in enumerate(self.blocks, start=1):
                 h = self._maybe_checkpoint(block, h, c)
-                self._record(extras, k in need_z, h, None, k)
+                if k in need_z:
+                    extras["z"][k - 1] = h
             out = self.final_layer(h, c)  # (B, T, p * p * C_out)
         else:
             out = self.forward_dar(v0, c, e, extras, need_z, need_alpha=return_weights)
@@ -283,42 +284,55 @@ class SiT(nn.Module):
         return out, {key: extras[key] for key, wanted in (("z", return_states), ("alpha", return_weights)) if wanted}
 
     def forward_dar(self, v0, c, e, extras, need_z=(), need_alpha=False):
-        """The blocks and the final LayerNorm + modulate under DAR; returns the final linear's output."""
+        """The blocks and the final layer under DAR; returns the final linear's output.
+
+        SiTBlock.forward feeds each sublayer modulate(norm(x)) of the running sum x. Here the sum is replaced by
+        aggregation l (Eq. 5), which also applies sublayer l's LayerNorm (no affine, eps 1e-6 as norm1, norm2 and
+        norm_final) and adaLN modulate: routers.aggregate returns the sublayer's input x = modulate(LN(h_l)) (and
+        h_l itself only when asked), so norm1, norm2 and norm_final are not called, and neither is
+        FinalLayer.forward: the final aggregation ends in its LayerNorm + modulate, then final_layer.linear.
+        """
         device = v0.device.type
         # (Not torch.amp.is_autocast_available: torch.compile of torch 2.11 cannot trace it. Meta tensors, which
         # forward_flops counts on, have no autocast state.)
         if device != "meta" and torch.is_autocast_enabled(device):
             v0 = v0.to(torch.get_autocast_dtype(device))  # one dtype for all sources, as the kernel reads them
-        L = 2 * self.config.depth
-        vs = {0: v0.contiguous()}  # the live sources v_i
-        tokens = {}  # the fused kernel's handles on each source's shared gradient buffer (dar.Routers.forward)
+        vs = {0: v0.contiguous()}  # the sources v_i that a later aggregation still reads
+        tokens = {}  # the fused kernel's handles on each source's shared gradient buffer (dar.Routing.aggregate)
+
+        def aggregation(l, shift, scale, need_h=False):
+            x, h, alpha = self.routers.aggregate(l, vs, e, shift, scale, need_h, need_alpha, tokens)
+            if alpha is not None:
+                extras["alpha"].append(alpha)
+            return x, h
+
+        def sublayer(l, f, x, gate):
+            vs[l] = gate.unsqueeze(1) * self._maybe_checkpoint(f, x)  # v_l, gate included
+            for i in [i for i in vs if self.routers.last_reader[i] == l]:  # no later aggregation reads v_i: drop it
+                del vs[i]
+                tokens.pop(i, None)
+
         for k, block in enumerate(self.blocks):
-            for j, ((shift, scale, gate), f) in enumerate(zip(block.modulations(c), (block.attn, block.mlp))):
-                l = 2 * k + j + 1
-                is_z = j == 0 and k > 0 and k in need_z  # z_k is h_{2k+1}, the aggregated input of block k + 1's attention
-                x, h, alpha = self.routers(l, vs, e, shift, scale, is_z, need_alpha, tokens)  # x = modulate(LN(h_l))
-                self._record(extras, is_z, h, alpha, k)
-                vs[l] = gate.unsqueeze(1) * self._maybe_checkpoint(f, x)  # v_l, gate included
-                for i in [i for i in vs if self.routers.last_reader[i] == l]:
-                    del vs[i]
-                    tokens.pop(i, None)
+            (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = block.modulations(c)
+            # z_k, the state after block k, is h_{2k+1}: the aggregated input of block k + 1's attention.
+            keep_z = k > 0 and k in need_z
+            x, h = aggregation(2 * k + 1, shift_msa, scale_msa, need_h=keep_z)
+            if keep_z:
+                extras["z"][k - 1] = h
+            sublayer(2 * k + 1, block.attn, x, gate_msa)
+            x, _ = aggregation(2 * k + 2, shift_mlp, scale_mlp)
+            sublayer(2 * k + 2, block.mlp, x, gate_mlp)
+        depth = len(self.blocks)
         shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
-        is_z = L // 2 in need_z  # z_depth: the final aggregate
-        x, h, alpha = self.routers(L + 1, vs, e, shift, scale, is_z, need_alpha, tokens)
-        self._record(extras, is_z, h, alpha, L // 2)
+        x, h = aggregation(2 * depth + 1, shift, scale, need_h=depth in need_z)  # z_depth: the final aggregate
+        if depth in need_z:
+            extras["z"][depth - 1] = h
         return self.final_layer.linear(x)
 
     def _maybe_checkpoint(self, f, *args):
         if self.grad_checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(f, *args, use_reentrant=False)
         return f(*args)
-
-    @staticmethod
-    def _record(extras, is_z, h, alpha, k):
-        if is_z:
-            extras["z"][k - 1] = h
-        if alpha is not None:
-            extras["alpha"].append(alpha)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, legacy_channels=False):
         """Classifier-free guidance, batched: x is [x; x] and y is [labels; null] (only x's first half is read).

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dar import mix, sources
+from dar import aggregate_reference, sources
 from model import SiT, SiT_models, get_2d_sincos_pos_embed
 
 DAR_ROUTINGS = ("static", "explicit", "dynamic")
@@ -259,7 +259,7 @@ def test_mix_accepts_every_query_shape_and_fuses_the_modulate():
     for q, q_full in ((per_token[0, 0], per_token[0, 0].expand(B, T, d)),
                       (per_token[:, 0], per_token[:, :1].expand(B, T, d)),
                       (per_token, per_token)):
-        x, h, alpha = mix(vs, q, gamma, shift, scale)
+        x, h, alpha = aggregate_reference(vs, q, gamma, shift, scale)
         for b in range(B):
             for i in range(T):
                 keys = [v[b, i] / v[b, i].pow(2).mean().add(1e-6).sqrt() * gamma for v in vs]
@@ -313,7 +313,7 @@ def test_routing_weights_sum_to_one_and_follow_t_except_static(routing):
     torch.manual_seed(3)
     L, d = 2 * model.config.depth, model.config.hidden_size
     vs = {i: torch.randn(3, 16, d) for i in range(L + 1)}
-    weights = [model.routers(L + 1, vs, model.t_embedder(torch.full((3,), t)))[2] for t in (0.1, 0.9)]
+    weights = [model.routers.aggregate(L + 1, vs, model.t_embedder(torch.full((3,), t)))[2] for t in (0.1, 0.9)]
     assert torch.equal(weights[0], weights[1]) == (routing != "explicit")
 
 

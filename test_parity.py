@@ -1,4 +1,4 @@
-"""Parity of the fused DAR kernel (kernel.py) with the reference path (dar.mix).
+"""Parity of the fused DAR kernel (kernel.py) with the reference path (dar.aggregate_reference).
 
 The cases are the full product of N, d, query shape, LayerNorm and dtype (216). On a GPU they run at full size
 (B = 4, T = 256), each pinned to one autotune config, taken in turn, and a separate test runs every config at
@@ -104,7 +104,7 @@ def pin_config(monkeypatch, i):
     """Launch each kernel with the i-th of the configs it may run (counted modulo their number) alone: a single
     config is run without benchmarking, which for 216 cases of distinct autotuning keys would take longer than
     the cases. On a GPU the cases take every config in turn, autotuned (DAR_AUTOTUNE=1) or not."""
-    for k, kind in ((kernel._mix_fwd_kernel, "fwd"), (kernel._mix_bwd_kernel, "bwd")):
+    for k, kind in ((kernel._forward_kernel, "fwd"), (kernel._backward_kernel, "bwd")):
         configs = kernel.CONFIGS[kind] if GPU else kernel._configs(kind)
         monkeypatch.setattr(k, "configs", [configs[i % len(configs)]])
 
@@ -125,7 +125,7 @@ def test_every_autotune_config_matches_fp64_reference(i, poison, monkeypatch):
 
 
 def check_parity(N, d, q_kind, mod, dtype):
-    """The fused x (and h, with LN) and every gradient against dar.mix in fp64, within TOL[dtype]."""
+    """The fused x (and h, with LN) and every gradient against dar.aggregate_reference in fp64, within TOL[dtype]."""
     srcs, q, gamma, shift, scale, dx, dh = make_inputs(N, d, q_kind, mod, dtype)
     inputs = [t for t in srcs + [q, gamma, shift, scale] if t is not None]
     ref_in = [t.double().requires_grad_() for t in inputs]
@@ -138,8 +138,8 @@ def check_parity(N, d, q_kind, mod, dtype):
         loss = (x.double() * dx.double()).sum() + ((h.double() * dh.double()).sum() if mod else 0)
         return x, h, torch.autograd.grad(loss, ts)
 
-    x_ref, h_ref, g_ref = run(dar.mix, ref_in)
-    x, h, grads = run(lambda *a: kernel.fused_mix(*a, need_h=mod), ker_in)
+    x_ref, h_ref, g_ref = run(dar.aggregate_reference, ref_in)
+    x, h, grads = run(lambda *a: kernel.aggregate_fused(*a, need_h=mod), ker_in)
     assert x.dtype == dtype and all(gr.dtype == t.dtype for gr, t in zip(grads, inputs))
     assert rel_rms(x, x_ref) <= TOL[dtype]
     if mod:
@@ -157,7 +157,7 @@ def test_backward_is_deterministic():
     runs = []
     for _ in range(2):
         ts = [t.clone().requires_grad_() for t in inputs]
-        x, _, _ = kernel.fused_mix(ts[:5], ts[5], ts[6], ts[7], ts[8])
+        x, _, _ = kernel.aggregate_fused(ts[:5], ts[5], ts[6], ts[7], ts[8])
         runs.append(torch.autograd.grad(x, ts, dx))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
@@ -176,8 +176,8 @@ def test_sources_that_start_anywhere_in_memory():
     assert all(v.data_ptr() % 16 for v in views)
     ref_in = [t.double().requires_grad_() for t in views + [q, gamma, shift, scale]]
     ker_in = views + [t.clone().requires_grad_() for t in (q, gamma, shift, scale)]
-    x_ref = dar.mix(ref_in[:3], *ref_in[3:])[0]
-    x = kernel.fused_mix(ker_in[:3], *ker_in[3:])[0]
+    x_ref = dar.aggregate_reference(ref_in[:3], *ref_in[3:])[0]
+    x = kernel.aggregate_fused(ker_in[:3], *ker_in[3:])[0]
     assert rel_rms(x, x_ref) <= TOL[torch.float32]
     for got, want in zip(torch.autograd.grad(x, ker_in, dx), torch.autograd.grad(x_ref, ref_in, dx.double())):
         assert rel_rms(got, want) <= TOL[torch.float32]
@@ -197,7 +197,7 @@ def test_strided_queries_and_modulations_and_ragged_backward_programs(monkeypatc
     ref_in = [t.double().requires_grad_() for t in inputs]
     ker_in = [t.clone().requires_grad_() for t in inputs]
     run = lambda fn, ts: fn(ts[:3], ts[3], ts[4], ts[5][:, :72], ts[5][:, 72:144])[0]
-    x_ref, x = run(dar.mix, ref_in), run(kernel.fused_mix, ker_in)
+    x_ref, x = run(dar.aggregate_reference, ref_in), run(kernel.aggregate_fused, ker_in)
     assert rel_rms(x, x_ref) <= TOL[torch.float32]
     for name, got, want in zip(["v0", "v1", "v2", "q", "gamma", "adaLN"], torch.autograd.grad(x, ker_in, dx),
                                torch.autograd.grad(x_ref, ref_in, dx.double())):
@@ -216,12 +216,13 @@ def test_custom_ops_pass_opcheck_with_strided_inputs(q_kind):
     shift, scale = ada[:, :16], ada[:, 16:]
     tokens = [torch.zeros(()).expand(srcs[0].shape)]
     for store_h, save in ((True, True), (False, False)):
-        torch.library.opcheck(kernel._mix_op, (srcs, tokens, [True, False], [False, True], q, gamma, shift, scale,
-                                               store_h, save))
-    _, _, h32, lse, _ = kernel._mix_op(srcs, [], [False, False], [False, False], q, gamma, shift, scale, False, True)
+        torch.library.opcheck(kernel._aggregate_op, (srcs, tokens, [True, False], [False, True], q, gamma, shift,
+                                                     scale, store_h, save))
+    _, _, h32, lse, _ = kernel._aggregate_op(srcs, [], [False, False], [False, False], q, gamma, shift, scale, False,
+                                             True)
     buffers = [torch.randn_like(s) for s in srcs]
-    torch.library.opcheck(kernel._mix_backward_op, (srcs, buffers, [True, False], q, gamma, shift, scale, h32, lse,
-                                                    dx.transpose(0, 1).contiguous().transpose(0, 1), dh),
+    torch.library.opcheck(kernel._aggregate_backward_op, (srcs, buffers, [True, False], q, gamma, shift, scale, h32,
+                                                          lse, dx.transpose(0, 1).contiguous().transpose(0, 1), dh),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -240,11 +241,11 @@ def test_a_gpu_runs_the_pinned_configs_unless_autotuning_is_asked_for(monkeypatc
 def test_bad_shapes_are_rejected_with_clear_errors():  # rejected before any launch
     srcs, q, gamma, shift, scale, _, _ = make_inputs(3, 72, "static", True, torch.float32)
     with pytest.raises(ValueError, match="q must be"):
-        kernel.fused_mix(srcs, q[:10], gamma)
+        kernel.aggregate_fused(srcs, q[:10], gamma)
     with pytest.raises(ValueError, match="share shape, dtype"):
-        kernel.fused_mix(srcs[:2] + [srcs[2].double()], q, gamma)
+        kernel.aggregate_fused(srcs[:2] + [srcs[2].double()], q, gamma)
     with pytest.raises(ValueError, match="shift and scale"):
-        kernel.fused_mix(srcs, q, gamma, shift, None)
+        kernel.aggregate_fused(srcs, q, gamma, shift, None)
 
 
 #################################################################################
@@ -333,7 +334,7 @@ def test_model_on_kernel_compiles_fullgraph():
 def test_kernel_under_activation_checkpointing_gives_the_same_gradients():
     srcs, q, gamma, shift, scale, dx, _ = make_inputs(4, 72, "dynamic", True, torch.bfloat16, seed=2)
     inputs = srcs + [q, gamma, shift, scale]
-    fn = lambda *ts: kernel.fused_mix(ts[:4], *ts[4:])[0]
+    fn = lambda *ts: kernel.aggregate_fused(ts[:4], *ts[4:])[0]
     plain = [t.clone().requires_grad_() for t in inputs]
     ckpt = [t.clone().requires_grad_() for t in inputs]
     expected = torch.autograd.grad(fn(*plain), plain, dx)

@@ -51,7 +51,7 @@ def test_fused_aggregation_is_charged_what_its_loops_move():
         shift, scale = (torch.empty(B, 6 * D, dtype=torch.bfloat16, requires_grad=True)[:, :D] for _ in range(2))
         counter = traffic.Traffic()
         with counter:
-            x, _, _ = kernel.fused_mix_with_tokens(srcs, [None] * N, [False] * N, q, gamma, shift, scale)
+            x, _, _ = kernel.aggregate_fused_with_tokens(srcs, [None] * N, [False] * N, q, gamma, shift, scale)
             x.sum().backward()
     io, rows_fp32 = B * T * D * 2, B * T * 4
     # Forward: the sources, q, gamma, shift and scale once; x, then h in fp32 and the log-sum-exp for the backward.
@@ -69,7 +69,7 @@ def test_fused_aggregation_is_charged_what_its_loops_move():
     accumulating = dict(zip(("sources", "dsources", "accumulate"), (srcs, srcs, [True, False, True])))
     args = [accumulating["sources"], accumulating["dsources"], accumulating["accumulate"], q, gamma, shift, scale,
             torch.empty(B, T, D, device="meta"), torch.empty(B, T, device="meta"), srcs[0], None]
-    assert kernel.traffic("mix_backward", args, traffic.SMS)[0][0] == kernel_bytes + 2 * io
+    assert kernel.traffic("aggregate_backward", args, traffic.SMS)[0][0] == kernel_bytes + 2 * io
 
 
 def test_floor_of_the_worked_example_l8_s4():

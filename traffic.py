@@ -77,7 +77,7 @@ class Traffic(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = func.__name__.split(".")[0]
         if func.namespace == "dar":
-            group = "DAR aggregation fwd" if name == "mix" else "DAR aggregation bwd"
+            group = "DAR aggregation fwd" if name == "aggregate" else "DAR aggregation bwd"
             for nbytes, kernels in kernel.traffic(name, args, SMS):
                 self.charge(group, nbytes, kernels)
             return out
