@@ -1,12 +1,14 @@
 """
 Checkpoints and weight files on disk: the one place that writes train.py's checkpoints and reads every weight
 file the project loads (its own checkpoints, released SiT ones, the SD-VAE's .safetensors or .bin, DINOv2, the
-FID Inception), from a path or a URL.
+FID Inception), from a path or a URL; and the rules of resuming a run (which checkpoint, what must match, what
+may change) and of starting one from weights (--init-from).
 
 Its own file because every script needs it and none of it is the network: model.py builds SiT, this reads and
 writes bytes. Writes are atomic (temporary file, then rename); reads never run code (weights_only=True, or the
 documented .safetensors layout); a failure names the file and says what to do.
 """
+import glob
 import hashlib
 import json
 import os
@@ -108,3 +110,150 @@ def weights_of(checkpoint, ema=True):
         if key in checkpoint:
             return checkpoint[key]
     return checkpoint
+
+
+#################################################################################
+#                                   Resuming                                    #
+#################################################################################
+
+# What a resumed run must share with its checkpoint: what defines the model, the data, the held-out split or the
+# recipe. The RETUNABLE flags may change on resume (a lower --lr or a --grad-clip is the way out of a diverged
+# run); the change is printed and logged.
+RUN_DEFINING = ("model", "depth", "hidden_size", "num_heads", "routing", "chunk", "final_agg", "data", "data_path",
+                "image_size", "global_batch_size", "ema_decay", "seed", "repa", "repa_depth", "repa_coeff",
+                "eval_samples")  # eval_samples: the held-out split
+RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "compile", "grad_checkpoint")
+
+
+def resume(args, ckpt_dir, model, ema, opt, projector, verbose=True):
+    """Load the checkpoint that --resume names (resume_source) into the model, EMA, optimiser and projector and
+    the CPU generator; returns its step. Refuses one trained with other RUN_DEFINING settings; prints the
+    RETUNABLE ones that changed (verbose) and drops the log records after the step."""
+    source, ckpt = resume_source(args.resume, ckpt_dir)
+    differ = lambda keys: {k: (ckpt["args"].get(k), getattr(args, k)) for k in keys if ckpt["args"].get(k) != getattr(args, k)}
+    changed = differ(RUN_DEFINING)
+    if changed:
+        raise SystemExit(f"{source} was trained with other settings; resuming would not continue that run. "
+                         f"Differences (checkpoint, now): {changed}")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    for group in opt.param_groups:
+        group["lr"] = args.lr  # the optimiser's state holds the old rate; --lr may change on resume
+    if projector is not None:
+        projector.load_state_dict(ckpt["projector"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if verbose:
+        retuned = differ(RETUNABLE)
+        print(f"resumed from {source} at step {ckpt['step']}"
+              + (f"; changed (checkpoint, now): {retuned}" if retuned else ""))
+        drop_log_after(os.path.join(args.results_dir, "log.jsonl"), ckpt["step"])
+    return ckpt["step"]
+
+
+def refuse_used(results_dir):
+    """A fresh start never writes into the directory of another run: one with checkpoints, or with the records
+    of a run that wrote none."""
+    if glob.glob(os.path.join(results_dir, "checkpoints", "*.pt")):
+        raise SystemExit(f"{results_dir} already holds checkpoints: continue with --resume latest, or give "
+                         "another --results-dir")
+    records = [n for n in ("args.json", "log.jsonl") if os.path.exists(os.path.join(results_dir, n))]
+    if records:
+        raise SystemExit(f"{results_dir} holds the records ({', '.join(records)}) of a run that wrote no "
+                         "checkpoint: give another --results-dir, or delete that directory if it is not needed")
+
+
+def checkpoints_by_step(ckpt_dir):
+    """[(step, path)] of the checkpoints train.py wrote into ckpt_dir (named by step), highest step first."""
+    found = []
+    for path in glob.glob(os.path.join(ckpt_dir, "*.pt")):
+        stem = os.path.basename(path)[:-3]
+        if stem.isdigit():
+            found.append((int(stem), path))
+    return sorted(found, reverse=True)
+
+
+def resume_source(resume, ckpt_dir):
+    """(path, checkpoint) to resume from: --resume=latest takes the highest step in ckpt_dir that can be read
+    (an unreadable one is skipped with a message naming it); a path must belong to this run's directory or to
+    none (a directory holding another run's checkpoints is never written into). Non-finite state is refused."""
+    if resume == "latest":
+        candidates = [path for _, path in checkpoints_by_step(ckpt_dir)]
+        if not candidates:
+            raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir}")
+    else:
+        theirs, ours = os.path.realpath(os.path.dirname(resume)), os.path.realpath(ckpt_dir)
+        if theirs != ours and checkpoints_by_step(ckpt_dir):
+            raise SystemExit(f"--resume={resume} is not a checkpoint of the run in {os.path.dirname(ckpt_dir)}, which "
+                             f"holds checkpoints of its own: give the --results-dir that {resume} belongs to, or a new "
+                             "one")
+        candidates = [resume]
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+            if not (isinstance(ckpt, dict) and {"args", "model", "ema", "opt", "step"} <= ckpt.keys()):
+                raise ValueError("it is not a checkpoint of train.py (no args, model, ema, opt and step)")
+        except Exception as error:  # noqa: BLE001 (any reason a file cannot be resumed from)
+            if resume != "latest":
+                raise SystemExit(f"cannot resume from {path}: {error}")
+            print(f"skipping {path}, which cannot be read: {error}")
+            continue
+        bad = nonfinite_tensors(model=ckpt["model"], ema=ckpt["ema"], opt=ckpt["opt"])
+        if bad:
+            raise SystemExit(f"{path} holds non-finite values ({bad}); resume from an earlier checkpoint")
+        return path, ckpt
+    raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir} can be read")
+
+
+def drop_log_after(path, step):
+    """Keep only the log records up to `step`: a resumed run rewrites the later ones exactly (the same draws and
+    weights), so a step killed after its checkpoint is never logged twice. Rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def nonfinite_tensors(**states):
+    """Names of the first few tensors with a NaN or inf in nested state dicts (model, EMA, optimiser)."""
+    bad = []
+
+    def visit(name, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{name}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{name}.{i}", item)
+        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad.append(name)
+
+    for name, state in states.items():
+        visit(name, state)
+    return bad[:5]
+
+
+def init_from(model, source):
+    """Load a checkpoint's weights as a starting point. Residual routing loads strictly. DAR loads the SiT
+    weights strictly and the routers only from a checkpoint with the same routing, chunk and final aggregator;
+    otherwise the routers start as at step 0 (the paper applies DAR when fine-tuning existing models). With
+    routing="explicit" the loaded timestep embedder is kept, so e(t) is not zero at the start."""
+    checkpoint = load_checkpoint(source)
+    state = weights_of(checkpoint) if isinstance(checkpoint, dict) else {}
+    if not (isinstance(state, dict) and any(k.endswith("x_embedder.proj.weight") for k in state)):
+        raise SystemExit(f"--init-from={source} holds no SiT weights (no x_embedder): give one of train.py's "
+                         "checkpoints or a released SiT checkpoint")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    cfg = model.config
+    theirs = checkpoint.get("config", {}) if isinstance(checkpoint.get("config"), dict) else {}
+    same_routing = all(theirs.get(k) == getattr(cfg, k) for k in ("routing", "chunk", "final_agg"))
+    if cfg.routing == "residual" or same_routing:
+        model.load_state_dict(state, strict=True)
+        return
+    shared = {k: v for k, v in state.items() if not k.startswith("routers.")}
+    missing, unexpected = model.load_state_dict(shared, strict=False)
+    if unexpected or any(not k.startswith("routers.") for k in missing):
+        raise ValueError(f"{source} does not fit {cfg}: missing {missing}, unexpected {unexpected}")

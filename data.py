@@ -6,18 +6,14 @@ sampling, FID and diagnostics read the same data and the latent directory format
 All expose the same interface: `train` and `eval` index ranges (the eval split is held out of training),
 `num_classes`, `channels`/`size` of the model's input, and `batch(indices, flip, noise, images)` returning
 the model input x1 (B, C, H, W) in the model's scale, labels y (B,) and, when asked, the uint8 images REPA
-encodes.
-The scripts that split data across processes (training, preparation, sampling) start them here too, and every
-script's --help comes from HelpFormatter here.
+encodes. `Stream` draws training's global batches: every random draw of a step as a function of (seed, step).
 """
-import argparse
 import json
 import math
 import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 #################################################################################
@@ -227,30 +223,33 @@ def load_data(name_or_path, image_size=None, seed=0, num_eval=1_000):
 
 
 #################################################################################
-#                                  Processes                                    #
+#                          The training stream                                  #
 #################################################################################
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The scripts' --help: their docstring as written, and every option's default (unless its help already says
-    it, or there is none to show), so that no flag's value is a surprise (--data=shapes alone means SiT-XL/2)."""
+class Stream:
+    """The global batch of step s and every random draw that goes with it, as a function of (seed, s).
+    The data order is a fresh permutation of the training indices every epoch (the last partial batch of an
+    epoch is dropped)."""
 
-    def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
+    def __init__(self, data, global_batch, seed, device):
+        self.data, self.G, self.seed, self.device = data, global_batch, seed, device
+        self.train = torch.as_tensor(np.asarray(data.train))
+        self.steps_per_epoch = len(self.train) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the global batch {global_batch} is larger than the {len(self.train)} training images")
+        self.epoch, self.order = None, None
 
-
-def setup_distributed():
-    """(rank, world size, device): torchrun's variables when present (NCCL on GPUs, gloo on CPUs), else one
-    process on the GPU if there is one."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
+    def draw(self, step, drop_prob):
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self.epoch, self.order = epoch, self.train[torch.randperm(len(self.train), generator=g)]
+        g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + step)
+        shape, dev = (self.G, self.data.channels, self.data.size, self.data.size), self.device
+        return dict(
+            indices=self.order[pos * self.G:(pos + 1) * self.G],
+            t=torch.rand(self.G, generator=g, device=dev),
+            drop=torch.rand(self.G, generator=g, device=dev) < drop_prob,  # labels -> null class
+            flip=torch.rand(self.G, generator=g, device=dev) < 0.5,  # latents only
+            eps=torch.randn(shape, generator=g, device=dev),  # the interpolant's noise
+            posterior=torch.randn(shape, generator=g, device=dev))  # latents only: the posterior sample's noise

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import HelpFormatter, load_data
+from cli import HelpFormatter
+from data import load_data
 from model import interpolate, load_model, modulate
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]

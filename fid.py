@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import HelpFormatter
+from cli import HelpFormatter
 from checkpoint import load_checkpoint
 
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from data import HelpFormatter
+from cli import HelpFormatter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

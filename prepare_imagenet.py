@@ -29,7 +29,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import HelpFormatter, setup_distributed, write_manifest
+from cli import HelpFormatter, setup_distributed
+from data import write_manifest
 from checkpoint import resolve, sha256_of
 from vae import VAE_URL, load_vae
 

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import HelpFormatter, LATENT_SCALE, setup_distributed
+from cli import HelpFormatter, setup_distributed
+from data import LATENT_SCALE
 from model import load_model
 from vae import VAE_URL, load_vae
 

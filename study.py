@@ -33,7 +33,7 @@ import time
 import numpy as np
 from scipy import stats
 
-from data import HelpFormatter
+from cli import HelpFormatter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = (1, 2, 4, 8, 14)

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import HelpFormatter, SHAPES, Shapes
+from cli import HelpFormatter
+from data import SHAPES, Shapes
 from checkpoint import load_checkpoint, save_checkpoint
 from model import load_model
 from sample import sample_ode

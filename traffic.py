@@ -1,5 +1,6 @@
 """
 What one training step costs in memory traffic, counted on any machine: `python train.py --bench --traffic`.
+(And at the end, `bench`, what it costs in time on the device: `python train.py --bench`.)
 
 Its own file because it is a measuring instrument, not part of the recipe: train.py stays a recipe and this
 file can be read on its own. No GPU is needed. The step (train.train_step and the EMA update, exactly as
@@ -217,3 +218,37 @@ def report(args):
               f"{saved / GB:.2f} | {dar / GB:.2f} | {floor_bytes / GB:.2f} | {ratio} | "
               + " | ".join(f"{t * 1e3:.1f} | {t / base_time[n]:.3f}" for t, n in zip(times, DEVICES)) + " |")
     return results
+
+
+def bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum):
+    """train.py --bench: time full training steps (forward, backward, optimiser, EMA) on the device, on data
+    drawn as training draws it; print step time, images/s, peak memory and MFU as one table row."""
+    import time
+
+    import train
+
+    steps = args.bench_steps
+    warmup = min(5, steps)
+    stream = train.Stream(data, args.global_batch_size, args.seed, device)
+    per_rank = args.global_batch_size // world
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync()
+            start = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        draw = stream.draw(step, model.config.class_dropout_prob)
+        train.train_step(args, module, opt, data, draw, slice(0, per_rank), micro, accum, encoder, autocast,
+                   model.config.num_classes)
+        train.update_ema(ema, model, args.ema_decay)
+    sync()
+    step_time = (time.time() - start) / steps
+    images_per_s = args.global_batch_size / step_time
+    peak = train.peak_flops(device, args.precision)
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else "n/a"
+    mfu = f"{3 * train.forward_flops(train.model_config(model)) * images_per_s / (world * peak):.1%}" if peak else "n/a"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"| device | model | routing | kernel | batch/GPU | step s | images/s | peak memory | MFU |\n"
+          f"| {name} | {args.model} | {args.routing} c{args.chunk} | {args.kernel} | {micro} x {accum} | "
+          f"{step_time:.3f} | {images_per_s:.1f} | {mem} | {mfu} |")

@@ -19,22 +19,22 @@ the uninterrupted one exactly.
 """
 import argparse
 import copy
-import glob
 import json
 import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import repa
-from checkpoint import load_checkpoint, resolve, save_checkpoint, sha256_of, weights_of
+from checkpoint import (checkpoints_by_step, init_from, nonfinite_tensors, refuse_used, resolve, resume,
+                        save_checkpoint, sha256_of)
+from cli import HelpFormatter, setup_distributed
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
-from data import HelpFormatter, Latents, load_data, setup_distributed
+from data import Latents, Stream, load_data
 from diagnose import heat_maps, routing_maps
 from model import SiT_models, forward_flops, interpolate, model_config
 from sample import decode, sample_ode, save_grid
@@ -42,13 +42,6 @@ from vae import load_vae
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; more specific names first. Unknown GPUs report no MFU.
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20", 148e12), ("A100", 312e12))
-# What a resumed run must share with its checkpoint: what defines the model, the data, the held-out split or the
-# recipe. The RETUNABLE flags may change on resume (a lower --lr or a --grad-clip is the way out of a diverged
-# run); the change is printed and logged.
-RUN_DEFINING = ("model", "depth", "hidden_size", "num_heads", "routing", "chunk", "final_agg", "data", "data_path",
-                "image_size", "global_batch_size", "ema_decay", "seed", "repa", "repa_depth", "repa_coeff",
-                "eval_samples")  # eval_samples: the held-out split
-RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "compile", "grad_checkpoint")
 
 
 def parse_args(argv=None):
@@ -141,29 +134,6 @@ def build_model(args, data):
         chunk=args.chunk, final_agg=args.final_agg, kernel=args.kernel, **overrides)
 
 
-def init_from(model, source):
-    """Load a checkpoint's weights as a starting point. Residual routing loads strictly. DAR loads the SiT
-    weights strictly and the routers only from a checkpoint with the same routing, chunk and final aggregator;
-    otherwise the routers start as at step 0 (the paper applies DAR when fine-tuning existing models). With
-    routing="explicit" the loaded timestep embedder is kept, so e(t) is not zero at the start."""
-    checkpoint = load_checkpoint(source)
-    state = weights_of(checkpoint) if isinstance(checkpoint, dict) else {}
-    if not (isinstance(state, dict) and any(k.endswith("x_embedder.proj.weight") for k in state)):
-        raise SystemExit(f"--init-from={source} holds no SiT weights (no x_embedder): give one of train.py's "
-                         "checkpoints or a released SiT checkpoint")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    cfg = model.config
-    theirs = checkpoint.get("config", {}) if isinstance(checkpoint.get("config"), dict) else {}
-    same_routing = all(theirs.get(k) == getattr(cfg, k) for k in ("routing", "chunk", "final_agg"))
-    if cfg.routing == "residual" or same_routing:
-        model.load_state_dict(state, strict=True)
-        return
-    shared = {k: v for k, v in state.items() if not k.startswith("routers.")}
-    missing, unexpected = model.load_state_dict(shared, strict=False)
-    if unexpected or any(not k.startswith("routers.") for k in missing):
-        raise ValueError(f"{source} does not fit {cfg}: missing {missing}, unexpected {unexpected}")
-
-
 class Trainee(nn.Module):
     """What DDP wraps: the SiT and, with REPA, its projector. forward returns the velocity and the projected
     z_k (or None)."""
@@ -177,35 +147,6 @@ class Trainee(nn.Module):
             return self.model(x, t, y), None
         v, extras = self.model(x, t, y, return_states={self.repa_depth})  # only z_k: no other state is kept
         return v, self.projector(extras["z"][self.repa_depth - 1])
-
-
-class Stream:
-    """The global batch of step s and every random draw that goes with it, as a function of (seed, s).
-    The data order is a fresh permutation of the training indices every epoch (the last partial batch of an
-    epoch is dropped)."""
-
-    def __init__(self, data, global_batch, seed, device):
-        self.data, self.G, self.seed, self.device = data, global_batch, seed, device
-        self.train = torch.as_tensor(np.asarray(data.train))
-        self.steps_per_epoch = len(self.train) // global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the global batch {global_batch} is larger than the {len(self.train)} training images")
-        self.epoch, self.order = None, None
-
-    def draw(self, step, drop_prob):
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self.epoch, self.order = epoch, self.train[torch.randperm(len(self.train), generator=g)]
-        g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + step)
-        shape, dev = (self.G, self.data.channels, self.data.size, self.data.size), self.device
-        return dict(
-            indices=self.order[pos * self.G:(pos + 1) * self.G],
-            t=torch.rand(self.G, generator=g, device=dev),
-            drop=torch.rand(self.G, generator=g, device=dev) < drop_prob,  # labels -> null class
-            flip=torch.rand(self.G, generator=g, device=dev) < 0.5,  # latents only
-            eps=torch.randn(shape, generator=g, device=dev),  # the interpolant's noise
-            posterior=torch.randn(shape, generator=g, device=dev))  # latents only: the posterior sample's noise
 
 
 def peak_flops(device, precision):
@@ -265,33 +206,9 @@ def main(args):
 
     ckpt_dir = os.path.join(args.results_dir, "checkpoints")
     if args.resume:
-        source, ckpt = resume_source(args.resume, ckpt_dir)
-        changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RUN_DEFINING if ckpt["args"].get(k) != getattr(args, k)}
-        if changed:
-            raise SystemExit(f"{source} was trained with other settings; resuming would not continue that run. "
-                             f"Differences (checkpoint, now): {changed}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr  # the optimiser's state holds the old rate; --lr may change on resume
-        if projector is not None:
-            projector.load_state_dict(ckpt["projector"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if master:
-            retuned = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RETUNABLE
-                       if ckpt["args"].get(k) != getattr(args, k)}
-            print(f"resumed from {source} at step {step}" + (f"; changed (checkpoint, now): {retuned}" if retuned else ""))
-            drop_log_after(os.path.join(args.results_dir, "log.jsonl"), step)
+        step = resume(args, ckpt_dir, model, ema, opt, projector, verbose=master)
     elif not args.bench:
-        if glob.glob(os.path.join(ckpt_dir, "*.pt")):
-            raise SystemExit(f"{args.results_dir} already holds checkpoints: continue with --resume latest, or give "
-                             "another --results-dir")
-        records = [n for n in ("args.json", "log.jsonl") if os.path.exists(os.path.join(args.results_dir, n))]
-        if records:
-            raise SystemExit(f"{args.results_dir} holds the records ({', '.join(records)}) of a run that wrote no "
-                             "checkpoint: give another --results-dir, or delete that directory if it is not needed")
+        refuse_used(args.results_dir)
         if args.init_from:
             init_from(model, args.init_from)
             ema.load_state_dict(model.state_dict())
@@ -300,7 +217,8 @@ def main(args):
         module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
     if args.bench:
-        return bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum)
+        import traffic  # the step timer lives with the byte counter: instruments, not the recipe
+        return traffic.bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum)
     if master:
         os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
@@ -422,25 +340,6 @@ def stop_unless_finite(loss, grads_finite, step, ckpt_dir, what=None):
     raise SystemExit(f"step {step}: {what}; stopping before anything else is written. {where}.")
 
 
-def nonfinite_tensors(**states):
-    """Names of the first few tensors with a NaN or inf in nested state dicts (model, EMA, optimiser)."""
-    bad = []
-
-    def visit(name, value):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                visit(f"{name}.{key}", item)
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                visit(f"{name}.{i}", item)
-        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad.append(name)
-
-    for name, state in states.items():
-        visit(name, state)
-    return bad[:5]
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, every parameter and buffer (pos_embed too, as SiT)."""
@@ -499,92 +398,6 @@ def write_log(log, record):
     log.flush()
     print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                    if not isinstance(v, list)))
-
-
-def checkpoints_by_step(ckpt_dir):
-    """[(step, path)] of the checkpoints train.py wrote into ckpt_dir (named by step), highest step first."""
-    found = []
-    for path in glob.glob(os.path.join(ckpt_dir, "*.pt")):
-        stem = os.path.basename(path)[:-3]
-        if stem.isdigit():
-            found.append((int(stem), path))
-    return sorted(found, reverse=True)
-
-
-def resume_source(resume, ckpt_dir):
-    """(path, checkpoint) to resume from: --resume=latest takes the highest step in ckpt_dir that can be read
-    (an unreadable one is skipped with a message naming it); a path must belong to this run's directory or to
-    none (a directory holding another run's checkpoints is never written into). Non-finite state is refused."""
-    if resume == "latest":
-        candidates = [path for _, path in checkpoints_by_step(ckpt_dir)]
-        if not candidates:
-            raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir}")
-    else:
-        theirs, ours = os.path.realpath(os.path.dirname(resume)), os.path.realpath(ckpt_dir)
-        if theirs != ours and checkpoints_by_step(ckpt_dir):
-            raise SystemExit(f"--resume={resume} is not a checkpoint of the run in {os.path.dirname(ckpt_dir)}, which "
-                             f"holds checkpoints of its own: give the --results-dir that {resume} belongs to, or a new one")
-        candidates = [resume]
-    for path in candidates:
-        try:
-            ckpt = load_checkpoint(path)
-            if not (isinstance(ckpt, dict) and {"args", "model", "ema", "opt", "step"} <= ckpt.keys()):
-                raise ValueError("it is not a checkpoint of train.py (no args, model, ema, opt and step)")
-        except Exception as error:  # noqa: BLE001 (any reason a file cannot be resumed from)
-            if resume != "latest":
-                raise SystemExit(f"cannot resume from {path}: {error}")
-            print(f"skipping {path}, which cannot be read: {error}")
-            continue
-        bad = nonfinite_tensors(model=ckpt["model"], ema=ckpt["ema"], opt=ckpt["opt"])
-        if bad:
-            raise SystemExit(f"{path} holds non-finite values ({bad}); resume from an earlier checkpoint")
-        return path, ckpt
-    raise SystemExit(f"--resume latest: no checkpoint in {ckpt_dir} can be read")
-
-
-def drop_log_after(path, step):
-    """Keep only the log records up to `step`: a resumed run rewrites the later ones exactly (the same draws and
-    weights), so a step killed after its checkpoint is never logged twice. Rewritten atomically."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
-#################################################################################
-#                                   Benchmark                                   #
-#################################################################################
-
-def bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum):
-    """Time full training steps (forward, backward, optimiser, EMA) on data drawn like training's."""
-    steps = args.bench_steps
-    warmup = min(5, steps)
-    stream = Stream(data, args.global_batch_size, args.seed, device)
-    per_rank = args.global_batch_size // world
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for step in range(warmup + steps):
-        if step == warmup:
-            sync()
-            start = time.time()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-        draw = stream.draw(step, model.config.class_dropout_prob)
-        train_step(args, module, opt, data, draw, slice(0, per_rank), micro, accum, encoder, autocast,
-                   model.config.num_classes)
-        update_ema(ema, model, args.ema_decay)
-    sync()
-    step_time = (time.time() - start) / steps
-    images_per_s = args.global_batch_size / step_time
-    peak = peak_flops(device, args.precision)
-    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else "n/a"
-    mfu = f"{3 * forward_flops(model_config(model)) * images_per_s / (world * peak):.1%}" if peak else "n/a"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"| device | model | routing | kernel | batch/GPU | step s | images/s | peak memory | MFU |\n"
-          f"| {name} | {args.model} | {args.routing} c{args.chunk} | {args.kernel} | {micro} x {accum} | "
-          f"{step_time:.3f} | {images_per_s:.1f} | {mem} | {mfu} |")
 
 
 if __name__ == "__main__":
