@@ -106,30 +106,38 @@ def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_h=F
 
 
 class Router(nn.Module):
-    """One DAR aggregator: the RMSNorm gain gamma of its keys and its query (Eq. 6)."""
+    """One DAR aggregator's parameters: the RMSNorm gain gamma of its keys, and its query's (Eq. 6): the vector
+    w (w_l; static and explicit) or the projection W_q (W_q^(l); dynamic)."""
 
     def __init__(self, dim, routing):
         super().__init__()
         self.routing = routing
         self.gamma = nn.Parameter(torch.ones(dim))
         if routing == "dynamic":
-            self.query = nn.Linear(dim, dim, bias=False)  # W_q^(l)
+            self.W_q = nn.Linear(dim, dim, bias=False)
         else:
-            self.query = nn.Parameter(torch.zeros(dim))  # w_l
+            self.w = nn.Parameter(torch.zeros(dim))
         self.reset_parameters()
 
     def reset_parameters(self):
         # Zero queries make every softmax uniform at step 0 (as AttnRes prescribes); unit gains as RMSNorm's.
         nn.init.ones_(self.gamma)
-        nn.init.zeros_(self.query.weight if self.routing == "dynamic" else self.query)
+        nn.init.zeros_(self.W_q.weight if self.routing == "dynamic" else self.w)
 
-    def forward(self, v_prev, e):
-        """The query q_l from v_{l-1} (B, T, d) and e(t) (B, d): (d,), (B, d) or (B, T, d) by variant."""
+    def query(self, v_prev, e):
+        """q_l from v_{l-1} (B, T, d) and e(t) (B, d): (d,), (B, d) or (B, T, d) by variant."""
         if self.routing == "dynamic":
-            return self.query(v_prev)
+            return self.W_q(v_prev)
         if self.routing == "explicit":
-            return self.query + e
-        return self.query
+            return self.w + e
+        return self.w
+
+    def _load_from_state_dict(self, state, prefix, *args, **kwargs):
+        # Checkpoints written before these names called both the query's parameter "query".
+        for old, new in ((prefix + "query", prefix + "w"), (prefix + "query.weight", prefix + "W_q.weight")):
+            if old in state and new not in state:
+                state[new] = state.pop(old)
+        super()._load_from_state_dict(state, prefix, *args, **kwargs)
 
 
 class Routing(nn.ModuleDict):
@@ -169,7 +177,7 @@ class Routing(nn.ModuleDict):
         leaves the new ones there. Returns (x, h, alpha) as `aggregate_reference` does.
         """
         router = self.router(l)
-        q = router(vs[l - 1], e)
+        q = router.query(vs[l - 1], e)
         S_l = self.source_sets[l - 1]
         srcs = [vs[i] for i in S_l]
         if tokens is None:

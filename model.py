@@ -445,7 +445,7 @@ def forward_flops(config):
 
 if __name__ == "__main__":
 
-    def mix_gflops(model):
+    def aggregation_gflops(model):
         # DAR's aggregation is elementwise and uncounted above: about 6 FLOPs per source element
         # (sum of squares, q . k, weighted sum), over T tokens of width d.
         cfg = model.config
@@ -455,7 +455,7 @@ if __name__ == "__main__":
         return 6 * T * cfg.hidden_size * sum(len(S) for S in model.routers.source_sets) / 1e9
 
     print(f"{'':<10}" + "".join(f" | {r:<29}" for r in ROUTINGS))
-    print(f"{'preset':<10}" + " | parameters    GFLOPs   +mix  " * len(ROUTINGS))
+    print(f"{'preset':<10}" + " | parameters    GFLOPs   +agg  " * len(ROUTINGS))
     for name, build in SiT_models.items():
         row = f"{name:<10}"
         for routing in ROUTINGS:
@@ -463,8 +463,8 @@ if __name__ == "__main__":
                 model = build(routing=routing)
             params = sum(p.numel() for p in model.parameters())
             gflops = forward_flops(model_config(model)) / 1e9
-            row += f" | {params:>13,} {gflops:>7.1f} {mix_gflops(model):>5.2f}  "
+            row += f" | {params:>13,} {gflops:>7.1f} {aggregation_gflops(model):>5.2f}  "
         print(row)
     print("256x256 images as 4x32x32 SD-VAE latents, chunk 4, dedicated final aggregator. parameters include the"
-          "\nfrozen pos_embed; GFLOPs count 2 per multiply-add (DiT's paper counts 1: 118.6 for XL/2); +mix is"
+          "\nfrozen pos_embed; GFLOPs count 2 per multiply-add (DiT's paper counts 1: 118.6 for XL/2); +agg is"
           "\nDAR's elementwise aggregation, memory-bound in practice.")

@@ -1,5 +1,6 @@
 """Tests of model.py and dar.py on the CPU: SiT fidelity, DAR's definition, initialisation and gradients."""
 import math
+import re
 
 import pytest
 import torch
@@ -193,13 +194,14 @@ def dar_reference(model, x, t, y):
     c = e + model.y_embedder(y)
 
     def route(name, srcs, v_prev):
-        w, gamma = getattr(model.routers[name], "query"), model.routers[name].gamma
+        router = model.routers[name]
+        w, gamma = (router.W_q.weight if cfg.routing == "dynamic" else router.w), router.gamma
         if cfg.routing == "static":
             q = w[None, None, :]
         elif cfg.routing == "explicit":
             q = (w + e)[:, None, :]
         else:
-            q = v_prev @ w.weight.T
+            q = v_prev @ w.T
         V = torch.stack(srcs)  # (N, B, T, d)
         K = V / torch.sqrt(V.pow(2).mean(-1, keepdim=True) + 1e-6) * gamma
         a = torch.softmax((K * q).sum(-1) / math.sqrt(d), dim=0)  # (N, B, T)
@@ -295,7 +297,7 @@ def test_explicit_with_zero_timestep_embedding_equals_static():
         torch.nn.init.zeros_(model.t_embedder.mlp[2].weight)
         torch.nn.init.zeros_(model.t_embedder.mlp[2].bias)
     x, t, y = batch(static)
-    assert torch.count_nonzero(static.routers["3"].query) > 0
+    assert torch.count_nonzero(static.routers["3"].w) > 0
     torch.testing.assert_close(explicit(x, t, y), static(x, t, y), rtol=0, atol=0)
 
 
@@ -395,3 +397,17 @@ def test_gradient_checkpointing_leaves_gradients_unchanged(routing):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("routing", ["static", "dynamic"])
+def test_checkpoints_with_the_old_query_names_still_load(routing):
+    """The query's parameter was called "query" in both variants; it is w (static, explicit) or W_q (dynamic)."""
+    model = tiny(routing, chunk=2)
+    for p in model.routers.parameters():
+        torch.nn.init.normal_(p)
+    rename = lambda k: re.sub(r"\.(W_q\.weight|w)$", lambda m: ".query.weight" if m[1] != "w" else ".query", k)
+    old = {rename(k): v for k, v in model.state_dict().items()}
+    assert any(".query" in k for k in old)
+    fresh = tiny(routing, chunk=2)
+    fresh.load_state_dict(old, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

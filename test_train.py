@@ -172,7 +172,7 @@ def test_init_from_a_residual_checkpoint(tmp_path, routing):
         assert torch.equal(state[k], v), k
     if routing != "residual":
         for name, router in model.routers.items():
-            assert torch.count_nonzero(router.query if routing != "dynamic" else router.query.weight) == 0, name
+            assert torch.count_nonzero(router.w if routing != "dynamic" else router.W_q.weight) == 0, name
             assert torch.equal(router.gamma, torch.ones_like(router.gamma)), name
 
 
