@@ -2,7 +2,7 @@
 Checkpoints and weight files on disk: the one place that writes train.py's checkpoints and reads every weight
 file the project loads (its own checkpoints, released SiT ones, the SD-VAE's .safetensors or .bin, DINOv2, the
 FID Inception), from a path or a URL; and the rules of resuming a run (which checkpoint, what must match, what
-may change) and of starting one from weights (--init-from).
+may change) and of starting one from weights (--init-from); and models rebuilt from such files.
 
 Its own file because every script needs it and none of it is the network: model.py builds SiT, this reads and
 writes bytes. Writes are atomic (temporary file, then rename); reads never run code (weights_only=True, or the
@@ -11,11 +11,14 @@ documented .safetensors layout); a failure names the file and says what to do.
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 
 import torch
+
+from model import SIZES, SiT
 
 
 def save_checkpoint(checkpoint, path):
@@ -257,3 +260,33 @@ def init_from(model, source):
     missing, unexpected = model.load_state_dict(shared, strict=False)
     if unexpected or any(not k.startswith("routers.") for k in missing):
         raise ValueError(f"{source} does not fit {cfg}: missing {missing}, unexpected {unexpected}")
+
+
+#################################################################################
+#                               Models from files                               #
+#################################################################################
+
+def load_model(source, ema=True):
+    """Rebuild a model from one of train.py's checkpoints (its config) or a released SiT checkpoint (the
+    architecture read off its tensor shapes), with the EMA weights unless ema=False."""
+    checkpoint = load_checkpoint(source)
+    state = weights_of(checkpoint, ema)
+    model = SiT(**(checkpoint["config"] if "config" in checkpoint else config_of_weights(state, source)))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def config_of_weights(state, source="the checkpoint"):
+    """The config of a residual SiT state dict that comes without one: sizes from the shapes, the number of
+    heads from the preset of that depth and width (shapes do not show it)."""
+    if any(k.startswith("routers.") for k in state) or "x_embedder.proj.weight" not in state:
+        raise ValueError(f"{source} is neither a train.py checkpoint (no config) nor a released SiT state dict")
+    d, C, p, _ = state["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    heads = {(n, width): h for n, width, h in SIZES.values()}.get((depth, d))
+    if heads is None:
+        raise ValueError(f"{source}: depth {depth} and width {d} match no SiT preset, so the number of heads is unknown")
+    rows = state["y_embedder.embedding_table.weight"].shape[0]  # num_classes + the null class
+    return dict(input_size=math.isqrt(state["pos_embed"].shape[1]) * p, patch_size=p, in_channels=C, hidden_size=d,
+                depth=depth, num_heads=heads, num_classes=rows - 1, class_dropout_prob=0.1,
+                learn_sigma=state["final_layer.linear.weight"].shape[0] == 2 * p * p * C)

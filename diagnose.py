@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from cli import HelpFormatter
 from data import load_data
-from model import interpolate, load_model, modulate
+from checkpoint import load_model
+from model import interpolate, modulate
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 

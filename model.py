@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from checkpoint import load_checkpoint, weights_of
 from dar import FINAL_AGGS, KERNELS, ROUTINGS, Routing
 
 
@@ -375,7 +374,7 @@ def _1d_sincos(dim, pos):
 
 
 #################################################################################
-#                  The interpolant, and models from checkpoints                 #
+#                                 The interpolant                               #
 #################################################################################
 
 def interpolate(x1, eps, t):
@@ -383,32 +382,6 @@ def interpolate(x1, eps, t):
     x1 - eps, the regression target of training."""
     t = t.view(-1, *([1] * (x1.dim() - 1)))
     return t * x1 + (1 - t) * eps, x1 - eps
-
-
-def load_model(source, ema=True):
-    """Rebuild a model from one of train.py's checkpoints (its config) or a released SiT checkpoint (the
-    architecture read off its tensor shapes), with the EMA weights unless ema=False."""
-    checkpoint = load_checkpoint(source)
-    state = weights_of(checkpoint, ema)
-    model = SiT(**(checkpoint["config"] if "config" in checkpoint else config_of_weights(state, source)))
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def config_of_weights(state, source="the checkpoint"):
-    """The config of a residual SiT state dict that comes without one: sizes from the shapes, the number of
-    heads from the preset of that depth and width (shapes do not show it)."""
-    if any(k.startswith("routers.") for k in state) or "x_embedder.proj.weight" not in state:
-        raise ValueError(f"{source} is neither a train.py checkpoint (no config) nor a released SiT state dict")
-    d, C, p, _ = state["x_embedder.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    heads = {(n, width): h for n, width, h in SIZES.values()}.get((depth, d))
-    if heads is None:
-        raise ValueError(f"{source}: depth {depth} and width {d} match no SiT preset, so the number of heads is unknown")
-    rows = state["y_embedder.embedding_table.weight"].shape[0]  # num_classes + the null class
-    return dict(input_size=math.isqrt(state["pos_embed"].shape[1]) * p, patch_size=p, in_channels=C, hidden_size=d,
-                depth=depth, num_heads=heads, num_classes=rows - 1, class_dropout_prob=0.1,
-                learn_sigma=state["final_layer.linear.weight"].shape[0] == 2 * p * p * C)
 
 
 #################################################################################

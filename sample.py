@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from cli import HelpFormatter, setup_distributed
 from data import LATENT_SCALE
-from model import load_model
+from checkpoint import load_model
 from vae import VAE_URL, load_vae
 
 SAMPLERS = ("heun", "euler", "sde")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import diagnose
-from model import load_model
+from checkpoint import load_model
 from train import main as train_main, parse_args as train_args
 
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 import fid
-from checkpoint import save_checkpoint
-from model import SiT, load_model, model_config
+import inception
+from checkpoint import load_model, save_checkpoint
+from model import SiT, model_config
 from sample import LAST_STEP, sample_ode, sample_sde
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,7 +47,7 @@ def test_inception_loads_the_released_files_566_keys_with_batchnorm_counters(tmp
     # num_batches_tracked counter per layer; rebuild such a network and write its checkpoint the same way.
     net = fid.load_inception("random")
     torch_bn = fid.load_inception("random")
-    for conv in [m for m in torch_bn.modules() if isinstance(m, fid.BasicConv2d)]:
+    for conv in [m for m in torch_bn.modules() if isinstance(m, inception.BasicConv2d)]:
         bn = nn.BatchNorm2d(conv.bn.weight.shape[0], eps=1e-3)
         bn.load_state_dict(conv.bn.state_dict(), strict=False)
         conv.bn = bn.eval()
@@ -93,7 +94,7 @@ def tf1_resize_reference(image, size):
 @pytest.mark.parametrize("shape", [(256, 256), (32, 32), (17, 40), (299, 299)])
 def test_tf1_resize_matches_its_formula(shape):
     image = np.random.default_rng(0).integers(0, 256, shape).astype(np.float64)
-    ours = fid.tf1_resize(torch.tensor(image, dtype=torch.float32)[None, None], 299)[0, 0].double().numpy()
+    ours = inception.tf1_resize(torch.tensor(image, dtype=torch.float32)[None, None], 299)[0, 0].double().numpy()
     np.testing.assert_allclose(ours, tf1_resize_reference(image, 299), rtol=1e-5, atol=1e-5 * 255)
 
 
@@ -174,7 +175,7 @@ ADM = json.load(open(os.path.join(HERE, "testdata", "adm_fixtures.json")))
 @pytest.mark.parametrize("name", sorted(ADM["resize"]))
 def test_tf1_resize_is_bit_identical_to_tensorflow(name):
     image = make_adm_fixtures.resize_images()[name]
-    ours = fid.tf1_resize(torch.from_numpy(image).permute(0, 3, 1, 2).float(), 299).permute(0, 2, 3, 1).numpy()
+    ours = inception.tf1_resize(torch.from_numpy(image).permute(0, 3, 1, 2).float(), 299).permute(0, 2, 3, 1).numpy()
     assert make_adm_fixtures.digest(ours) == ADM["resize"][name]["sha256"]
 
 

@@ -10,8 +10,8 @@ import torch
 
 import repa
 from data import LATENT_SCALE, Latents, Shapes, write_manifest
-from checkpoint import load_checkpoint
-from model import SiT, load_model
+from checkpoint import load_checkpoint, load_model
+from model import SiT
 from train import init_from, main, parse_args
 
 TINY = ["--model=SiT-S/4", "--depth=2", "--hidden-size=32", "--num-heads=2", "--precision=fp32", "--lr=1e-3"]

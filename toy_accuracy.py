@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from cli import HelpFormatter
 from data import SHAPES, Shapes
-from checkpoint import load_checkpoint, save_checkpoint
-from model import load_model
+from checkpoint import load_checkpoint, load_model, save_checkpoint
 from sample import sample_ode
 
 
