@@ -4,6 +4,7 @@ trained on the toy shapes with one recipe, differing only in routing, three seed
 
     python study.py --jobs=2        every run, then the report (about 2.5 hours on 2 cores; resumable)
     python study.py --report-only   the report from the runs finished so far
+    python study.py --report-only --publish=docs/study28    and a copy of it and its figures under docs/
 
 Runs (all static routing unless named): at 28 blocks residual, static / explicit / dynamic c4, and static with
 chunk S in {1, 2, 4, 8, 14}; at 8 blocks (L = 16) the same S sweep. The paper's chunk analysis (section 5.5,
@@ -14,7 +15,7 @@ Resumable run by run: each run lives in OUT/<depth>/<name>-s<seed>; one that hol
 and skipped, one that was stopped part-way continues from its latest checkpoint (train.py --resume=latest,
 bit-exact), one never started starts. So a stopped study continues where it stopped, across sessions.
 
-The report (OUT/REPORT.md, copied with its figures to docs/study/ by --publish) gives the held-out velocity
+The report (OUT/REPORT.md; --publish=DIR copies it and its figures there) gives the held-out velocity
 loss of the EMA weights at fixed steps, mean and standard deviation over seeds, with Welch's t-test of each
 DAR variant against residual routing; the toy accuracy of EMA samples (toy_accuracy.py); the S sweep as a plot
 of loss against S for both depths with the predicted optima marked; and diagnose.py's measures for residual
@@ -215,18 +216,30 @@ def report(out, tiny):
     return text
 
 
+def publish(out, where):
+    """Copy OUT/REPORT.md and the figures it shows into `where`, keeping their relative paths."""
+    figures = glob.glob(os.path.join(out, "*.png")) + glob.glob(os.path.join(out, "diagnose", "*.png"))
+    for path in [os.path.join(out, "REPORT.md"), *figures]:
+        target = os.path.join(where, os.path.relpath(path, out))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(path, target)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="results/study28", help="the study's directory (runs, report, figures)")
     p.add_argument("--report-only", action="store_true", help="no training: the report of the runs finished so far")
     p.add_argument("--tiny", action="store_true", help="a seconds-long study for the tests")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, sharing the CPU's cores")
+    p.add_argument("--publish", help="copy the report and its figures into this directory (e.g. docs/study28)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if not args.report_only:
         train(args.out, args.tiny, jobs=args.jobs)
         evaluate(args.out, args.tiny)
     print(report(args.out, args.tiny))
+    if args.publish:
+        publish(args.out, args.publish)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,7 @@ def test_study_resumes_run_by_run_and_reports_mean_and_spread_over_seeds(tmp_pat
     assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in text
     assert os.path.exists(os.path.join(out, "chunk_sweep.png")) and "![loss against S](chunk_sweep.png)" in text
     assert os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")) and "## Diagnostics at 4 blocks" in text
+    study.main(["--out", out, "--tiny", "--report-only", "--publish", str(tmp_path / "published")])
+    published = tmp_path / "published"
+    assert (published / "REPORT.md").read_text() == text
+    assert (published / "chunk_sweep.png").exists() and list((published / "diagnose").glob("*.png"))
