@@ -76,7 +76,7 @@ def _configs(kind):
 #################################################################################
 # A row of d elements is held as two power-of-two blocks (Triton's blocks are powers of two): a = [0, BA) and
 # b = [BA, BA + BB), with masks ma and mb. At d = 1152 the split 1024 + 128 pads nothing, where one 2048-lane
-# block would spend 44% of every instruction and register on padding. So each row vector below comes as a pair
+# block leaves 44% of its lanes (registers, instructions) on padding. So each row vector below comes as a pair
 # (its a and b blocks), and every sum over a row adds the two blocks' sums.
 # Loads say how long their data is worth keeping in L2: the rows of sources, h, dx and dh are read once per
 # kernel ("evict_first"); the query, gamma and the per-sample adaLN rows by many programs ("evict_last").
