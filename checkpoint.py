@@ -133,7 +133,8 @@ def resume(args, ckpt_dir, model, ema, opt, projector, verbose=True):
     the CPU generator; returns its step. Refuses one trained with other RUN_DEFINING settings; prints the
     RETUNABLE ones that changed (verbose) and drops the log records after the step."""
     source, ckpt = resume_source(args.resume, ckpt_dir)
-    differ = lambda keys: {k: (ckpt["args"].get(k), getattr(args, k)) for k in keys if ckpt["args"].get(k) != getattr(args, k)}
+    then, now = ckpt["args"], vars(args)
+    differ = lambda keys: {k: (then.get(k), now.get(k)) for k in keys if then.get(k) != now.get(k)}
     changed = differ(RUN_DEFINING)
     if changed:
         raise SystemExit(f"{source} was trained with other settings; resuming would not continue that run. "

@@ -14,9 +14,9 @@ The query q_l comes in three variants (Eq. 6 and "Timestep injection"), chosen b
 All queries start at zero, so every aggregator starts as a uniform average of its sources.
 
 The source set S_l is chunked (Eq. 7) and a dedicated final aggregator (Eq. 11) feeds the prediction head;
-`sources` below is the one definition of both. Everything here is plain PyTorch: `aggregate_reference` is the readable
-reference of Eq. (5) and the CPU path, `aggregate` is the one place where the fused kernel (kernel.py)
-takes over.
+`sources` below is the one definition of both. Everything here is plain PyTorch: `aggregate_reference` is
+the readable reference of Eq. (5) and the CPU path, `aggregate` is the one place where the fused kernel
+(kernel.py) takes over.
 """
 import math
 
@@ -94,10 +94,11 @@ def aggregate(sources, q, gamma, shift=None, scale=None, kernel="auto", need_h=F
     fused path add every reader's gradient of a source into one buffer; the reference path leaves that to
     autograd and hands on no tokens.
     """
-    fused = kernel == "triton" or (kernel == "auto" and sources[0].is_cuda and aggregate_fused_with_tokens is not None)
+    available = aggregate_fused_with_tokens is not None
+    fused = kernel == "triton" or (kernel == "auto" and sources[0].is_cuda and available)
     if need_alpha or not fused:
         return (*aggregate_reference(sources, q, gamma, shift, scale), [])
-    if aggregate_fused_with_tokens is None:
+    if not available:
         raise RuntimeError("kernel='triton' needs the triton package (pip install triton); or use kernel='torch'")
     tokens = tokens if tokens is not None else [None] * len(sources)
     hand_on = hand_on if hand_on is not None else [False] * len(sources)
@@ -168,8 +169,8 @@ class Routing(nn.ModuleDict):
         return self["final"] if self.final_agg == "dedicated" else self[str(self.num_sublayers)]
 
     def aggregate(self, l, vs, e, shift=None, scale=None, need_h=False, need_alpha=False, tokens=None):
-        """Aggregation l (Eq. 5) over vs, a dict {i: v_i} holding at least S_l; e is the timestep embedding (B, d).
-        With shift and scale it is followed by sublayer l's LayerNorm + modulate, so x is the sublayer's input.
+        """Aggregation l (Eq. 5) over vs, a dict {i: v_i} holding at least S_l; e is the timestep embedding
+        (B, d). With shift and scale it is followed by sublayer l's LayerNorm + modulate: x is the sublayer's input.
 
         The query input is v_{l-1}, which is always in S_l; for the final aggregator it is v_L (Eq. 6).
         tokens, a dict {i: token} kept over one forward pass, lets the fused kernel accumulate each source's

@@ -83,7 +83,8 @@ def train(out, tiny, log=print, jobs=1):
         start = time.time()
         subprocess.run([sys.executable, "train.py", *common, f"--depth={depth}", f"--routing={routing}",
                         f"--chunk={chunk}", f"--seed={seed}", f"--max-steps={steps}", f"--results-dir={path}",
-                        *resume], cwd=HERE, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+                        *resume], cwd=HERE, check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": threads})
         log(f"depth {depth} {name} seed {seed}: {time.time() - start:.0f} s")
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
