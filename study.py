@@ -2,7 +2,7 @@
 The paper's claims at its own depth, on the CPU: narrow SiTs of 28 blocks (SiT-XL/2's depth, L = 56 sublayers)
 trained on the toy shapes with one recipe, differing only in routing, three seeds each:
 
-    python study.py --jobs=2        every run, then the report (about 2.5 hours on 2 cores; resumable)
+    python study.py --jobs=2        every run, then the report (about 3 hours on 2 cores; resumable)
     python study.py --report-only   the report from the runs finished so far
     python study.py --report-only --publish=docs/study28    and a copy of it and its figures under docs/
 
@@ -157,8 +157,14 @@ def extras(out, tiny):
     if accuracy:
         lines += [f"## Toy accuracy of EMA samples, {deep} blocks", "",
                   "Share of 400 samples (guidance 4, 20 Heun steps) that toy_accuracy.py's classifier puts in their "
-                  "class, mean ± standard deviation over seeds.", "", "| run | accuracy |", "|---|---|"]
-        lines += [f"| {name} | {mean_std(values)} |" for name, values in accuracy.items()] + [""]
+                  "class, mean ± standard deviation over seeds; p: Welch's t-test against residual routing.", "",
+                  "| run | accuracy | p vs residual |", "|---|---|---|"]
+        base = accuracy.get("residual", [])
+        for name, values in accuracy.items():
+            p = (f"{stats.ttest_ind(values, base, equal_var=False).pvalue:.3f}"
+                 if name != "residual" and len(values) > 1 and len(base) > 1 else "-")
+            lines.append(f"| {name} | {mean_std(values)} | {p} |")
+        lines.append("")
     if os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")):
         figures = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "diagnose", "*.png")))
         lines += [f"## Diagnostics at {deep} blocks (seed 0; diagnose.py)", ""]
@@ -167,7 +173,9 @@ def extras(out, tiny):
 
 
 def mean_std(values):
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1 seed)"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
 def report(out, tiny):

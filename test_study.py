@@ -33,7 +33,13 @@ def test_study_resumes_run_by_run_and_reports_mean_and_spread_over_seeds(tmp_pat
     assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in text
     assert os.path.exists(os.path.join(out, "chunk_sweep.png")) and "![loss against S](chunk_sweep.png)" in text
     assert os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")) and "## Diagnostics at 4 blocks" in text
+    for seed, (ours, theirs) in enumerate([(0.5, 0.3), (0.6, 0.35)]):  # what toy_accuracy.py writes, made up
+        for name, value in (("static c4", ours), ("residual", theirs)):
+            with open(os.path.join(study.run_dir(out, 4, name, seed), "toy_accuracy.txt"), "w") as f:
+                f.write(f"classifier epoch 1/4: held-out accuracy 1.0\nclass accuracy of x.pt: {value}\n")
     study.main(["--out", out, "--tiny", "--report-only", "--publish", str(tmp_path / "published")])
+    text = (tmp_path / "published" / "REPORT.md").read_text()
+    assert "| residual | 0.3250 ± 0.0354 | - |" in text and "| static c4 | 0.5500 ± 0.0707 | 0.0" in text
     published = tmp_path / "published"
-    assert (published / "REPORT.md").read_text() == text
+    assert (published / "REPORT.md").read_text() == (tmp_path / "study" / "REPORT.md").read_text()
     assert (published / "chunk_sweep.png").exists() and list((published / "diagnose").glob("*.png"))
