@@ -1,8 +1,8 @@
 """
 Checkpoints and weight files on disk: the one place that writes train.py's checkpoints and reads every weight
 file the project loads (its own checkpoints, released SiT ones, the SD-VAE's .safetensors or .bin, DINOv2, the
-FID Inception), from a path or a URL; and the rules of resuming a run (which checkpoint, what must match, what
-may change) and of starting one from weights (--init-from); and models rebuilt from such files.
+FID Inception), from a path or a URL. Also the rules of resuming a run (which checkpoint, what must match, what
+may change) and of starting one from weights (--init-from), and models rebuilt from such files.
 
 Its own file because every script needs it and none of it is the network: model.py builds SiT, this reads and
 writes bytes. Writes are atomic (temporary file, then rename); reads never run code (weights_only=True, or the

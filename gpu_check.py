@@ -81,9 +81,9 @@ def measure_copy(nbytes, device, do_bench):
 
 
 def configs_part(smoke):
-    """Every config each kernel may run (kernel.CONFIGS), timed alone at the working point (per-token query, LayerNorm
-    fused, h saved), in ms and GB/s of the bytes it moves (traffic() below) as a fraction of a device-to-device
-    copy, the pinned one marked: the figures kernel.PINNED should be chosen by."""
+    """Every config each kernel may run (kernel.CONFIGS), timed alone at the working point (per-token query,
+    LayerNorm fused, h saved), in ms and in GB/s of the bytes it moves (kernel.traffic), also as a fraction of a
+    device-to-device copy, the pinned one marked: the figures kernel.PINNED should be chosen by."""
     import torch
 
     import kernel
@@ -94,10 +94,10 @@ def configs_part(smoke):
     randn = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
     sources, q, dx = [randn(batch, T, d) for _ in range(N)], 0.1 * randn(batch, T, d), randn(batch, T, d)
     gamma, shift, scale = torch.ones(d, device=device), randn(batch, d), randn(batch, d)
-    _, _, h32, lse = kernel.launch_forward(sources, q, gamma, shift, scale, True, True)
+    fwd_args = (sources, q, gamma, shift, scale, True, True)  # store h, save what the backward reads
+    _, _, h32, lse = kernel.launch_forward(*fwd_args)
     dsources, accumulate = [torch.empty_like(s) for s in sources], [False] * N
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    fwd_args = (sources, q, gamma, shift, scale, True, True)
     bwd_args = (sources, dsources, accumulate, q, gamma, shift, scale, h32, lse, dx, None)
     kinds = {"fwd": (kernel._forward_kernel, lambda: kernel.launch_forward(*fwd_args),
                      kernel.traffic("aggregate", (sources, None, None, None, *fwd_args[1:]), sms)[0][0]),
@@ -111,8 +111,8 @@ def configs_part(smoke):
         for c in kernel.CONFIGS[kind]:
             k.configs = [c]  # a single config runs without benchmarking
             ms = do_bench(run)
-            pinned = kernel.PINNED[kind]
-            pinned = "yes" if (c.kwargs, c.num_warps) == (pinned.kwargs, pinned.num_warps) else ""
+            pin = kernel.PINNED[kind]
+            pinned = "yes" if (c.kwargs, c.num_warps) == (pin.kwargs, pin.num_warps) else ""
             print(f"| {kind} | {c.kwargs['U']} | {c.num_warps} | {c.kwargs['STAGES']} | {ms:.3f} | "
                   f"{nbytes / ms / 1e6:.0f} | {nbytes / ms / 1e6 / copy_gbs:.0%} | {pinned} |")
         k.configs = saved

@@ -106,7 +106,8 @@ def inner_loop(code):
 
 
 def masked_share(meta):
-    lanes = meta["BA"] + meta["BB"] if "BA" in meta else meta["BD"]  # BD: one block per row (before the split)
+    # BD: one block per row, the kernel before the split (docs/kernel.md's "before" table: this file next to it)
+    lanes = meta["BA"] + meta["BB"] if "BA" in meta else meta["BD"]
     return 1 - meta["D"] / lanes
 
 
@@ -116,16 +117,16 @@ def programs_per_sm(registers, shared, warps):
     return min(32, 64 // warps, 65536 // (warps * 32 * -(-registers // 8) * 8), 228 * 1024 // (shared + 1024))
 
 
-def measure(kind, config, D, dtype=None):
-    """One row of the table as a dict."""
+def measure(kind, config, D):
+    """One row of the table (bf16, per-token query, LayerNorm fused) as a dict."""
     import torch
 
     import kernel
 
-    dtype = dtype or torch.bfloat16
-    compiled = compile_kernel(kind, config, D, dtype, q_mode=2, mod=True)
+    dtype = torch.bfloat16
+    compiled = compile_kernel(kind, config, D, dtype)
     registers, stack, code = read_cubin(compiled.asm["cubin"])
-    U, stages = config.kwargs["U"], config.kwargs.get("STAGES", 1)
+    U, stages = config.kwargs["U"], config.kwargs.get("STAGES", 1)  # (no STAGES: the kernel before pipelining)
     loop = inner_loop(code)
     opcode = lambda op: op.split()[1] if op.startswith("@") else op.split()[0]
     programs = programs_per_sm(registers, compiled.metadata.shared, config.num_warps)

@@ -34,6 +34,7 @@ SXM (989 TFLOP/s dense bf16, 3.35 TB/s) and an H200 (989 TFLOP/s, 4.8 TB/s), sum
 FLOPs from torch's flop counter (matmuls and attention; elementwise work is charged by bytes alone).
 """
 import math
+import time
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -223,8 +224,6 @@ def report(args):
 def bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum):
     """train.py --bench: time full training steps (forward, backward, optimiser, EMA) on the device, on data
     drawn as training draws it; print step time, images/s, peak memory and MFU as one table row."""
-    import time
-
     import train
 
     steps = args.bench_steps
