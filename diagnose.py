@@ -240,19 +240,24 @@ def fmt(v):
     return f"{v:.0e}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:g}"
 
 
-def line_plot(series, title, xlabel, ylabel, path, log=False, hline=None):
-    """series: [(label, xs, ys)], one coloured line each, with axes, ticks, labels and a legend.
-    hline: (label, y) drawn dashed across (a baseline)."""
+def line_plot(series, title, xlabel, ylabel, path, log=False, hline=None, x_ticks=None):
+    """series: [(label, xs, ys)] or [(label, xs, ys, spreads)], one coloured line each (spreads: an error bar of
+    +-spread at each point), with axes, ticks, labels and a legend. hline: (label, y) drawn dashed across (a
+    baseline). x_ticks: the x axis is logarithmic with ticks at these values (e.g. chunk sizes 1, 2, 4, 8, 14)."""
     W, H, left, right, top, bottom = 640, 420, 70, 160, 36, 50
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    ys_all = [y for _, _, ys in series for y in ys if not log or y > 0] + ([hline[1]] if hline else [])
-    xs_all = [x for _, xs, _ in series for x in xs]
+    spread = lambda s, i: s[3][i] if len(s) > 3 else 0.0
+    ys_all = [v for s in series for i, y in enumerate(s[2]) for v in (y - spread(s, i), y + spread(s, i))
+              if not log or v > 0] + ([hline[1]] if hline else [])
+    xs_all = [x for s in series for x in s[1]]
     y_ticks = ticks(min(ys_all), max(ys_all), log) if ys_all else [0, 1]
-    x_ticks = ticks(min(xs_all), max(xs_all))
+    logx, x_ticks = x_ticks is not None, x_ticks or ticks(min(xs_all), max(xs_all))
     lo_y, hi_y, lo_x, hi_x = y_ticks[0], y_ticks[-1], x_ticks[0], x_ticks[-1]
     f = (lambda y: math.log10(y)) if log else (lambda y: y)
-    px = lambda x: left + (x - lo_x) / ((hi_x - lo_x) or 1) * (W - left - right)
+    g = math.log if logx else (lambda x: x)
+    pad = 0.05 * (g(hi_x) - g(lo_x)) if logx else 0.0  # so that points at the ends stand clear of the frame
+    px = lambda x: left + (g(x) - g(lo_x) + pad) / ((g(hi_x) - g(lo_x) + 2 * pad) or 1) * (W - left - right)
     py = lambda y: H - bottom - (f(y) - f(lo_y)) / ((f(hi_y) - f(lo_y)) or 1) * (H - top - bottom)
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     for y in y_ticks:
@@ -263,14 +268,19 @@ def line_plot(series, title, xlabel, ylabel, path, log=False, hline=None):
         d.line([px(x), H - bottom, px(x), H - bottom + 4], fill="black")
         d.text((px(x), H - bottom + 8), fmt(x), fill="black", font=FONT, anchor="mt")
     d.text(((left + W - right) / 2, 10), title, fill="black", font=FONT, anchor="mt")
-    d.text(((left + W - right) / 2, H - 16), xlabel, fill="black", font=FONT, anchor="mt")
+    d.text(((left + W - right) / 2, H - 16), xlabel + (" (log scale)" if logx else ""), fill="black", font=FONT,
+           anchor="mt")
     d.text((8, top - 22), ylabel, fill="black", font=FONT)
-    legend = [(label, COLOURS[i % len(COLOURS)]) for i, (label, _, _) in enumerate(series)]
-    for i, (label, xs, ys) in enumerate(series):
-        pts = [(px(x), py(y)) for x, y in zip(xs, ys) if not log or y > 0]
-        d.line(pts, fill=legend[i][1], width=2)
-        for x, y in pts:
-            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=legend[i][1])
+    legend = [(s[0], COLOURS[i % len(COLOURS)]) for i, s in enumerate(series)]
+    for i, s in enumerate(series):
+        kept = [(x, y, spread(s, k)) for k, (x, y) in enumerate(zip(s[1], s[2])) if not log or y > 0]
+        d.line([(px(x), py(y)) for x, y, _ in kept], fill=legend[i][1], width=2)
+        for x, y, e in kept:
+            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=legend[i][1])
+            if e and (not log or y > e):
+                d.line([px(x), py(y - e), px(x), py(y + e)], fill=legend[i][1], width=1)
+                for y_end in (y - e, y + e):
+                    d.line([px(x) - 4, py(y_end), px(x) + 4, py(y_end)], fill=legend[i][1], width=1)
     if hline:
         for x in range(left, W - right, 12):
             d.line([x, py(hline[1]), min(x + 6, W - right), py(hline[1])], fill="gray", width=2)

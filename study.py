@@ -114,6 +114,48 @@ def losses(out, tiny):
     return table
 
 
+def run_seconds(path):
+    """One run's training time from its log: each log line's steps over its steps/s, which covers every step and
+    the evaluations and checkpoints between log lines, but not a process's start-up or what it did after its
+    last log line."""
+    total, last = 0.0, 0
+    with open(os.path.join(path, "log.jsonl")) as f:
+        for record in map(json.loads, f):
+            if "resumed" in record:
+                last = record["step"]
+            elif "steps_per_s" in record:
+                total, last = total + (record["step"] - last) / record["steps_per_s"], record["step"]
+    return total
+
+
+def chunk_sweep(table, depth):
+    """{S: [EMA held-out loss per seed at the last step]} of static DAR at this depth (its c4 run is S = 4)."""
+    sweep = {int(name.split("=")[1]) if "=" in name else 4: by_step[max(by_step)]
+             for (d, name), by_step in table.items() if d == depth and name.startswith("static")}
+    return dict(sorted(sweep.items()))
+
+
+def optimum(sweep, draws=2000, seed=0):
+    """Where the loss is lowest in S, from a parabola in log S fitted to the seed means (Eq. 9's cost adds a term
+    that falls with S to one that grows with it; a parabola in log S is the simplest U). Returns (S* of the fit,
+    None when it opens downward or its vertex lies outside the sweep; the 5th and 95th percentiles of S* over
+    bootstrap resamples of each S's seeds, None when no resample has a minimum inside; the share of resamples
+    that do)."""
+    sizes = sorted(sweep)
+    x = np.log(sizes)
+
+    def vertex(means):
+        a, b, _ = np.polyfit(x, means, 2)
+        return float(np.exp(-b / (2 * a))) if a > 0 and x[0] <= -b / (2 * a) <= x[-1] else None
+
+    rng = np.random.default_rng(seed)
+    fitted = vertex([np.mean(sweep[s]) for s in sizes])
+    resampled = [vertex([rng.choice(sweep[s], len(sweep[s])).mean() for s in sizes]) for _ in range(draws)]
+    inside = [v for v in resampled if v is not None]
+    low, high = map(float, np.percentile(inside, [5, 95])) if inside else (None, None)
+    return fitted, low, high, len(inside) / draws
+
+
 def flag(flags, name):
     return next(f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}="))
 
@@ -193,31 +235,52 @@ def report(out, tiny):
         rows = {name: by_step for (d, name), by_step in table.items() if d == depth}
         steps_seen = sorted({s for by_step in rows.values() for s in by_step})
         lines += [f"## {depth} blocks (L = {2 * depth})", "", "| run | " + " | ".join(f"step {s}" for s in steps_seen)
-                  + " | p vs residual (last step) |", "|---|" + "---|" * (len(steps_seen) + 1)]
+                  + " | p vs residual (last step) | training time per run (s) |",
+                  "|---|" + "---|" * (len(steps_seen) + 2)]
         base = rows.get("residual", {}).get(steps_seen[-1])
         for name, by_step in rows.items():
             last = by_step.get(steps_seen[-1], [])
             p = (f"{stats.ttest_ind(last, base, equal_var=False).pvalue:.3f}"
                  if base and name != "residual" and len(last) > 1 and len(base) > 1 else "-")
+            took = [run_seconds(run_dir(out, depth, name, seed)) for seed in seeds
+                    if os.path.exists(os.path.join(run_dir(out, depth, name, seed), "checkpoints", f"{steps:07d}.pt"))]
             lines.append(f"| {name} | " + " | ".join(mean_std(by_step[s]) if s in by_step else "-"
-                                                      for s in steps_seen) + f" | {p} |")
+                                                      for s in steps_seen) + f" | {p} | {np.mean(took):.0f} |")
         lines.append("")
-    series = []
+    total = sum(run_seconds(os.path.dirname(os.path.dirname(p)))
+                for p in glob.glob(os.path.join(out, "depth*", "*", "checkpoints", f"{steps:07d}.pt")))
+    lines += [f"Training time of the finished runs, summed: {total:.0f} s ({total / 3600:.1f} hours; each run's "
+              "time from its log's steps/s; `--jobs=2` halves the wall-clock time).", ""]
+    series, rows = [], []
     for depth in sorted({d for d, _ in table}, reverse=True):
-        points = [(int(name.split("=")[1]) if "=" in name else 4, np.mean(by_step[max(by_step)]))
-                  for (d, name), by_step in table.items() if d == depth and name.startswith("static")]
-        points.sort()
-        if points:
-            series.append((f"{depth} blocks", [s for s, _ in points], [v for _, v in points]))
-            if depth in PREDICTED:
-                low = min(v for _, v in points)
-                series.append((f"predicted S*, {depth} blocks", list(PREDICTED[depth]), [low, low]))
+        sweep = chunk_sweep(table, depth)
+        if not sweep:
+            continue
+        spread = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in sweep.values()]
+        series.append((f"{depth} blocks", list(sweep), [np.mean(v) for v in sweep.values()], spread))
+        low, high = PREDICTED[depth] if depth in PREDICTED else (None, None)
+        if low:
+            series.append((f"predicted S*, {depth} blocks", [low, high], [min(series[-1][2])] * 2))
+        best = min(sweep, key=lambda s: np.mean(sweep[s]))
+        welch = lambda s: (f"{stats.ttest_ind(sweep[best], sweep[s], equal_var=False).pvalue:.3f}"
+                           if s in sweep and s != best and len(sweep[s]) > 1 and len(sweep[best]) > 1 else "-")
+        fit = optimum(sweep) if len(sweep) >= 3 else (None, None, None, 0.0)
+        rows.append(f"| {depth} (L = {2 * depth}) | {best} | {welch(min(sweep))} | {welch(max(sweep))} | "
+                    + (f"{fit[0]:.1f}" if fit[0] else "no minimum inside")
+                    + (f" ({fit[1]:.1f}-{fit[2]:.1f})" if fit[1] else "") + f" | {fit[3]:.0%} | "
+                    + (f"{low:.1f}-{high:.1f} |" if low else "- |"))
     if series:
-        line_plot(series, "static DAR: held-out loss (EMA, last step) against chunk size S", "chunk size S (sublayers)",
-                  "loss", os.path.join(out, "chunk_sweep.png"))
-        lines += ["![loss against S](chunk_sweep.png)", "",
-                  f"Predicted optimum (Eq. 9, S* grows as sqrt(L)): {PREDICTED[28][0]:.1f}-{PREDICTED[28][1]:.1f} at "
-                  f"28 blocks, {PREDICTED[8][0]:.1f}-{PREDICTED[8][1]:.1f} at 8 blocks (drawn at the lowest loss).", ""]
+        line_plot(series, f"static DAR: held-out loss (EMA, step {steps}; mean +- sd over seeds) against S",
+                  "chunk size S (sublayers)", "loss", os.path.join(out, "chunk_sweep.png"),
+                  x_ticks=sorted({s for _, xs, *_ in series[::2] for s in xs}))
+        lines += ["## Chunk size S (static DAR)", "", "![loss against S](chunk_sweep.png)", "",
+                  "Predicted optimum (Eq. 9, S* grows as sqrt(L)), drawn at each depth's lowest loss. Lowest S: the "
+                  "chunk size with the lowest mean loss at the last step; p: Welch's t-test of it against the "
+                  "smallest and the largest S; S* of the fit: the vertex of a parabola in log S fitted to the seed "
+                  "means, with the 5th-95th percentiles over 2000 bootstrap resamples of the seeds that have a "
+                  "minimum inside the sweep; the share of resamples that do.", "",
+                  "| blocks | lowest S | p vs smallest S | p vs largest S | S* of the fit (5-95%) "
+                  "| resamples with a minimum inside | predicted S* |", "|---|---|---|---|---|---|---|", *rows, ""]
     lines += extras(out, tiny)
     text = "\n".join(lines)
     with open(os.path.join(out, "REPORT.md"), "w") as f:
