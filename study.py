@@ -66,6 +66,11 @@ def run_dir(out, depth, name, seed):
     return os.path.join(out, f"depth{depth}", f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
 
 
+def finished(path, steps):
+    """Whether the run in `path` holds its last checkpoint."""
+    return os.path.exists(os.path.join(path, "checkpoints", f"{steps:07d}.pt"))
+
+
 def train(out, tiny, log=print, jobs=1):
     """Every run not yet finished, `jobs` at a time (each with its share of the CPU's threads: these narrow
     models run faster as two one-thread processes than as one two-thread one); returns how many were trained
@@ -73,7 +78,7 @@ def train(out, tiny, log=print, jobs=1):
     common, seeds, steps = recipe(tiny)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     pending = [(depth, name, routing, chunk, seed) for depth, name, routing, chunk in runs(tiny) for seed in seeds
-               if not os.path.exists(os.path.join(run_dir(out, depth, name, seed), "checkpoints", f"{steps:07d}.pt"))]
+               if not finished(run_dir(out, depth, name, seed), steps)]
 
     def one(depth, name, routing, chunk, seed):
         path = run_dir(out, depth, name, seed)
@@ -105,7 +110,7 @@ def losses(out, tiny):
     for depth, name, _, _ in runs(tiny):
         for seed in seeds:
             path = run_dir(out, depth, name, seed)
-            if not os.path.exists(os.path.join(path, "checkpoints", f"{steps:07d}.pt")):
+            if not finished(path, steps):
                 continue
             with open(os.path.join(path, "log.jsonl")) as f:
                 for record in map(json.loads, f):
@@ -222,8 +227,6 @@ def mean_std(values):
 
 def report(out, tiny):
     """Write OUT/REPORT.md and its figures from the finished runs; returns the Markdown."""
-    from diagnose import line_plot
-
     common, seeds, steps = recipe(tiny)
     table = losses(out, tiny)
     lines = ["# Study: residual routing vs DAR at the paper's depth", "",
@@ -243,49 +246,57 @@ def report(out, tiny):
             p = (f"{stats.ttest_ind(last, base, equal_var=False).pvalue:.3f}"
                  if base and name != "residual" and len(last) > 1 and len(base) > 1 else "-")
             took = [run_seconds(run_dir(out, depth, name, seed)) for seed in seeds
-                    if os.path.exists(os.path.join(run_dir(out, depth, name, seed), "checkpoints", f"{steps:07d}.pt"))]
+                    if finished(run_dir(out, depth, name, seed), steps)]
             lines.append(f"| {name} | " + " | ".join(mean_std(by_step[s]) if s in by_step else "-"
                                                       for s in steps_seen) + f" | {p} | {np.mean(took):.0f} |")
         lines.append("")
-    total = sum(run_seconds(os.path.dirname(os.path.dirname(p)))
-                for p in glob.glob(os.path.join(out, "depth*", "*", "checkpoints", f"{steps:07d}.pt")))
+    total = sum(run_seconds(path) for path in glob.glob(os.path.join(out, "depth*", "*")) if finished(path, steps))
     lines += [f"Training time of the finished runs, summed: {total:.0f} s ({total / 3600:.1f} hours; each run's "
               "time from its log's steps/s; `--jobs=2` halves the wall-clock time).", ""]
-    series, rows = [], []
-    for depth in sorted({d for d, _ in table}, reverse=True):
-        sweep = chunk_sweep(table, depth)
-        if not sweep:
-            continue
-        spread = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in sweep.values()]
-        series.append((f"{depth} blocks", list(sweep), [np.mean(v) for v in sweep.values()], spread))
-        low, high = PREDICTED[depth] if depth in PREDICTED else (None, None)
-        if low:
-            series.append((f"predicted S*, {depth} blocks", [low, high], [min(series[-1][2])] * 2))
-        best = min(sweep, key=lambda s: np.mean(sweep[s]))
-        welch = lambda s: (f"{stats.ttest_ind(sweep[best], sweep[s], equal_var=False).pvalue:.3f}"
-                           if s in sweep and s != best and len(sweep[s]) > 1 and len(sweep[best]) > 1 else "-")
-        fit = optimum(sweep) if len(sweep) >= 3 else (None, None, None, 0.0)
-        rows.append(f"| {depth} (L = {2 * depth}) | {best} | {welch(min(sweep))} | {welch(max(sweep))} | "
-                    + (f"{fit[0]:.1f}" if fit[0] else "no minimum inside")
-                    + (f" ({fit[1]:.1f}-{fit[2]:.1f})" if fit[1] else "") + f" | {fit[3]:.0%} | "
-                    + (f"{low:.1f}-{high:.1f} |" if low else "- |"))
-    if series:
-        line_plot(series, f"static DAR: held-out loss (EMA, step {steps}; mean +- sd over seeds) against S",
-                  "chunk size S (sublayers)", "loss", os.path.join(out, "chunk_sweep.png"),
-                  x_ticks=sorted({s for _, xs, *_ in series[::2] for s in xs}))
-        lines += ["## Chunk size S (static DAR)", "", "![loss against S](chunk_sweep.png)", "",
-                  "Predicted optimum (Eq. 9, S* grows as sqrt(L)), drawn at each depth's lowest loss. Lowest S: the "
-                  "chunk size with the lowest mean loss at the last step; p: Welch's t-test of it against the "
-                  "smallest and the largest S; S* of the fit: the vertex of a parabola in log S fitted to the seed "
-                  "means, with the 5th-95th percentiles over 2000 bootstrap resamples of the seeds that have a "
-                  "minimum inside the sweep; the share of resamples that do.", "",
-                  "| blocks | lowest S | p vs smallest S | p vs largest S | S* of the fit (5-95%) "
-                  "| resamples with a minimum inside | predicted S* |", "|---|---|---|---|---|---|---|", *rows, ""]
+    lines += sweep_section(out, table, steps)
     lines += extras(out, tiny)
     text = "\n".join(lines)
     with open(os.path.join(out, "REPORT.md"), "w") as f:
         f.write(text)
     return text
+
+
+def sweep_section(out, table, steps):
+    """The report's section on the chunk size S: OUT/chunk_sweep.png and a table of where the loss is lowest."""
+    from diagnose import line_plot
+
+    series, rows, sizes = [], [], set()
+    for depth in sorted({d for d, _ in table}, reverse=True):
+        sweep = chunk_sweep(table, depth)
+        if not sweep:
+            continue
+        sizes |= set(sweep)
+        means = [np.mean(v) for v in sweep.values()]
+        series.append((f"{depth} blocks", list(sweep), means, [np.std(v, ddof=1) if len(v) > 1 else 0.0
+                                                               for v in sweep.values()]))
+        low, high = PREDICTED.get(depth, (None, None))
+        if low:
+            series.append((f"predicted S*, {depth} blocks", [low, high], [min(means)] * 2))
+        best = min(sweep, key=lambda s: np.mean(sweep[s]))
+        welch = lambda s: (f"{stats.ttest_ind(sweep[best], sweep[s], equal_var=False).pvalue:.3f}"
+                           if s != best and len(sweep[s]) > 1 and len(sweep[best]) > 1 else "-")
+        fitted, five, ninety_five, share = optimum(sweep) if len(sweep) >= 3 else (None, None, None, 0.0)
+        rows.append(f"| {depth} (L = {2 * depth}) | {best} | {welch(min(sweep))} | {welch(max(sweep))} | "
+                    + (f"{fitted:.1f}" if fitted else "no minimum inside")
+                    + (f" ({five:.1f}-{ninety_five:.1f})" if five else "") + f" | {share:.0%} | "
+                    + (f"{low:.1f}-{high:.1f} |" if low else "- |"))
+    if not series:
+        return []
+    line_plot(series, f"static DAR: held-out loss (EMA, step {steps}; mean +- sd over seeds) against S",
+              "chunk size S (sublayers)", "loss", os.path.join(out, "chunk_sweep.png"), x_ticks=sorted(sizes))
+    return ["## Chunk size S (static DAR)", "", "![loss against S](chunk_sweep.png)", "",
+            "Predicted optimum (Eq. 9, S* grows as sqrt(L)), drawn at each depth's lowest loss. Lowest S: the "
+            "chunk size with the lowest mean loss at the last step; p: Welch's t-test of it against the smallest and "
+            "the largest S; S* of the fit: the vertex of a parabola in log S fitted to the seed means, with the "
+            "5th-95th percentiles over 2000 bootstrap resamples of the seeds that have a minimum inside the sweep; "
+            "the share of resamples that do.", "",
+            "| blocks | lowest S | p vs smallest S | p vs largest S | S* of the fit (5-95%) "
+            "| resamples with a minimum inside | predicted S* |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def publish(out, where):
