@@ -282,21 +282,25 @@ def sweep_section(out, table, steps):
                            if s != best and len(sweep[s]) > 1 and len(sweep[best]) > 1 else "-")
         fitted, five, ninety_five, share = optimum(sweep) if len(sweep) >= 3 else (None, None, None, 0.0)
         rows.append(f"| {depth} (L = {2 * depth}) | {best} | {welch(min(sweep))} | {welch(max(sweep))} | "
-                    + (f"{fitted:.1f}" if fitted else "no minimum inside")
-                    + (f" ({five:.1f}-{ninety_five:.1f})" if five else "") + f" | {share:.0%} | "
+                    + (f"{fitted:.1f}" if fitted else "none") + f" | {share:.0%} | "
+                    + (f"{five:.1f}-{ninety_five:.1f}" if five else "-") + " | "
                     + (f"{low:.1f}-{high:.1f} |" if low else "- |"))
     if not series:
         return []
+    residual = [(d, by_step[max(by_step)]) for (d, name), by_step in table.items() if name == "residual"]
     line_plot(series, f"static DAR: held-out loss (EMA, step {steps}; mean +- sd over seeds) against S",
-              "chunk size S (sublayers)", "loss", os.path.join(out, "chunk_sweep.png"), x_ticks=sorted(sizes))
+              "chunk size S (sublayers)", "loss", os.path.join(out, "chunk_sweep.png"), x_ticks=sorted(sizes),
+              hline=(f"residual, {residual[0][0]} blocks", np.mean(residual[0][1])) if residual else None)
     return ["## Chunk size S (static DAR)", "", "![loss against S](chunk_sweep.png)", "",
-            "Predicted optimum (Eq. 9, S* grows as sqrt(L)), drawn at each depth's lowest loss. Lowest S: the "
+            "Predicted optimum (Eq. 9, S* grows as sqrt(L)) drawn at each depth's lowest loss, residual routing's "
+            "loss dashed. Lowest S: the "
             "chunk size with the lowest mean loss at the last step; p: Welch's t-test of it against the smallest and "
-            "the largest S; S* of the fit: the vertex of a parabola in log S fitted to the seed means, with the "
-            "5th-95th percentiles over 2000 bootstrap resamples of the seeds that have a minimum inside the sweep; "
-            "the share of resamples that do.", "",
-            "| blocks | lowest S | p vs smallest S | p vs largest S | S* of the fit (5-95%) "
-            "| resamples with a minimum inside | predicted S* |", "|---|---|---|---|---|---|---|", *rows, ""]
+            "the largest S; S* fitted: the vertex of a parabola in log S fitted to the seed means (none: the "
+            "parabola opens downward or its vertex lies outside the sweep); then the same fit on 2000 bootstrap "
+            "resamples of each S's seeds: the share with a minimum inside the sweep, and the 5th-95th percentiles "
+            "of where.", "",
+            "| blocks | lowest S | p vs smallest S | p vs largest S | S* fitted | resamples with a minimum inside "
+            "| their S* (5-95%) | predicted S* |", "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def publish(out, where):
