@@ -293,9 +293,8 @@ def sweep_section(out, table, steps):
               hline=(f"residual, {residual[0][0]} blocks", np.mean(residual[0][1])) if residual else None)
     return ["## Chunk size S (static DAR)", "", "![loss against S](chunk_sweep.png)", "",
             "Predicted optimum (Eq. 9, S* grows as sqrt(L)) drawn at each depth's lowest loss, residual routing's "
-            "loss dashed. Lowest S: the "
-            "chunk size with the lowest mean loss at the last step; p: Welch's t-test of it against the smallest and "
-            "the largest S; S* fitted: the vertex of a parabola in log S fitted to the seed means (none: the "
+            "loss dashed. Lowest S: the chunk size with the lowest mean loss at the last step; p: Welch's t-test of "
+            "it against the smallest and the largest S; S* fitted: the vertex of a parabola in log S fitted to the seed means (none: the "
             "parabola opens downward or its vertex lies outside the sweep); then the same fit on 2000 bootstrap "
             "resamples of each S's seeds: the share with a minimum inside the sweep, and the 5th-95th percentiles "
             "of where.", "",
