@@ -66,9 +66,13 @@ def run_dir(out, depth, name, seed):
     return os.path.join(out, f"depth{depth}", f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
 
 
+def last_checkpoint(path, steps):
+    return os.path.join(path, "checkpoints", f"{steps:07d}.pt")
+
+
 def finished(path, steps):
     """Whether the run in `path` holds its last checkpoint."""
-    return os.path.exists(os.path.join(path, "checkpoints", f"{steps:07d}.pt"))
+    return os.path.exists(last_checkpoint(path, steps))
 
 
 def train(out, tiny, log=print, jobs=1):
@@ -133,11 +137,10 @@ def run_seconds(path):
     return total
 
 
-def chunk_sweep(table, depth):
+def chunk_sweep(table, depth, tiny):
     """{S: [EMA held-out loss per seed at the last step]} of static DAR at this depth (its c4 run is S = 4)."""
-    sweep = {int(name.split("=")[1]) if "=" in name else 4: by_step[max(by_step)]
-             for (d, name), by_step in table.items() if d == depth and name.startswith("static")}
-    return dict(sorted(sweep.items()))
+    chunks = {(d, name): chunk for d, name, routing, chunk in runs(tiny) if d == depth and routing == "static"}
+    return {chunks[key]: table[key][max(table[key])] for key in sorted(chunks, key=chunks.get) if key in table}
 
 
 def optimum(sweep, draws=2000, seed=0):
@@ -161,6 +164,13 @@ def optimum(sweep, draws=2000, seed=0):
     return fitted, low, high, len(inside) / draws
 
 
+def welch(values, against):
+    """Welch's t-test p of two samples as the report prints it; "-" when either has fewer than two values."""
+    if len(values or []) < 2 or len(against or []) < 2:
+        return "-"
+    return f"{stats.ttest_ind(values, against, equal_var=False).pvalue:.3f}"
+
+
 def flag(flags, name):
     return next(f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}="))
 
@@ -170,7 +180,7 @@ def evaluate(out, tiny, log=print):
     seed's EMA samples at the deep depth, each kept in a file and skipped when it exists (so they resume too)."""
     _, seeds, steps = recipe(tiny)
     deep = max(d for d, _, _, _ in runs(tiny))
-    ckpt = lambda name, seed: os.path.join(run_dir(out, deep, name, seed), "checkpoints", f"{steps:07d}.pt")
+    ckpt = lambda name, seed: last_checkpoint(run_dir(out, deep, name, seed), steps)
     compared = [name for name in ("residual", "static c4", "dynamic c4") if os.path.exists(ckpt(name, 0))]
     if compared and not os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")):
         args = [f"--ckpt={ckpt(name, 0)}" for name in compared] + [f"--label={name}" for name in compared]
@@ -208,8 +218,7 @@ def extras(out, tiny):
                   "| run | accuracy | p vs residual |", "|---|---|---|"]
         base = accuracy.get("residual", [])
         for name, values in accuracy.items():
-            p = (f"{stats.ttest_ind(values, base, equal_var=False).pvalue:.3f}"
-                 if name != "residual" and len(values) > 1 and len(base) > 1 else "-")
+            p = welch(values, base) if name != "residual" else "-"
             lines.append(f"| {name} | {mean_std(values)} | {p} |")
         lines.append("")
     if os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")):
@@ -234,6 +243,7 @@ def report(out, tiny):
              f"Held-out velocity loss of the EMA weights ({flag(common, 'eval-samples')} held-out images, 8 fixed t, "
              "fixed noise), mean ± standard deviation over seeds; p: Welch's t-test against residual routing at the "
              "last step.", ""]
+    total = 0.0
     for depth in sorted({d for d, _ in table}, reverse=True):
         rows = {name: by_step for (d, name), by_step in table.items() if d == depth}
         steps_seen = sorted({s for by_step in rows.values() for s in by_step})
@@ -243,17 +253,16 @@ def report(out, tiny):
         base = rows.get("residual", {}).get(steps_seen[-1])
         for name, by_step in rows.items():
             last = by_step.get(steps_seen[-1], [])
-            p = (f"{stats.ttest_ind(last, base, equal_var=False).pvalue:.3f}"
-                 if base and name != "residual" and len(last) > 1 and len(base) > 1 else "-")
-            took = [run_seconds(run_dir(out, depth, name, seed)) for seed in seeds
-                    if finished(run_dir(out, depth, name, seed), steps)]
+            p = welch(last, base) if name != "residual" else "-"
+            took = [run_seconds(path) for path in (run_dir(out, depth, name, seed) for seed in seeds)
+                    if finished(path, steps)]
+            total += sum(took)
             lines.append(f"| {name} | " + " | ".join(mean_std(by_step[s]) if s in by_step else "-"
                                                       for s in steps_seen) + f" | {p} | {np.mean(took):.0f} |")
         lines.append("")
-    total = sum(run_seconds(path) for path in glob.glob(os.path.join(out, "depth*", "*")) if finished(path, steps))
     lines += [f"Training time of the finished runs, summed: {total:.0f} s ({total / 3600:.1f} hours; each run's "
               "time from its log's steps/s; `--jobs=2` halves the wall-clock time).", ""]
-    lines += sweep_section(out, table, steps)
+    lines += sweep_section(out, table, tiny)
     lines += extras(out, tiny)
     text = "\n".join(lines)
     with open(os.path.join(out, "REPORT.md"), "w") as f:
@@ -261,13 +270,15 @@ def report(out, tiny):
     return text
 
 
-def sweep_section(out, table, steps):
+def sweep_section(out, table, tiny):
     """The report's section on the chunk size S: OUT/chunk_sweep.png and a table of where the loss is lowest."""
     from diagnose import line_plot
 
+    steps = recipe(tiny)[2]
+
     series, rows, sizes = [], [], set()
     for depth in sorted({d for d, _ in table}, reverse=True):
-        sweep = chunk_sweep(table, depth)
+        sweep = chunk_sweep(table, depth, tiny)
         if not sweep:
             continue
         sizes |= set(sweep)
@@ -278,10 +289,9 @@ def sweep_section(out, table, steps):
         if low:
             series.append((f"predicted S*, {depth} blocks", [low, high], [min(means)] * 2))
         best = min(sweep, key=lambda s: np.mean(sweep[s]))
-        welch = lambda s: (f"{stats.ttest_ind(sweep[best], sweep[s], equal_var=False).pvalue:.3f}"
-                           if s != best and len(sweep[s]) > 1 and len(sweep[best]) > 1 else "-")
+        against_best = lambda s: welch(sweep[s], sweep[best]) if s != best else "-"
         fitted, five, ninety_five, share = optimum(sweep) if len(sweep) >= 3 else (None, None, None, 0.0)
-        rows.append(f"| {depth} (L = {2 * depth}) | {best} | {welch(min(sweep))} | {welch(max(sweep))} | "
+        rows.append(f"| {depth} (L = {2 * depth}) | {best} | {against_best(min(sweep))} | {against_best(max(sweep))} | "
                     + (f"{fitted:.1f}" if fitted else "none") + f" | {share:.0%} | "
                     + (f"{five:.1f}-{ninety_five:.1f}" if five else "-") + " | "
                     + (f"{low:.1f}-{high:.1f} |" if low else "- |"))
