@@ -65,10 +65,10 @@ def compile_kernel(kind, config, D, dtype, q_mode=2, mod=True):
     launch = dict(N=57, NB=64, Q=f, GAMMA=f, SHIFT=f, SCALE=f, T=256, MOD_STRIDE=6 * D, Q_MODE=q_mode, HAS_MOD=mod,
                   num_warps=config.num_warps, **config.kwargs, **meta)
     if kind == "fwd":
-        return kernel._forward_kernel.fn.warmup(table, X=x, H=x, H32=f, LSE=f, STORE_H=mod, SAVE=True, grid=(1,),
-                                                **launch)
-    return kernel._backward_kernel.fn.warmup(table, DSRC=table, ACC=flags, H32=f, LSE=f, DX=x, DH=x, DQ=x, PART=f,
-                                            J=2, R=8, HAS_DH=mod, grid=(1, 1), **launch)
+        return kernel._forward_kernel.warmup(table, X=x, H=x, H32=f, LSE=f, STORE_H=mod, SAVE=True, grid=(1,),
+                                             **launch)
+    return kernel._backward_kernel.warmup(table, DSRC=table, ACC=flags, H32=f, LSE=f, DX=x, DH=x, DQ=x, PART=f,
+                                         J=2, R=8, HAS_DH=mod, grid=(1, 1), **launch)
 
 
 def tool(name):

@@ -102,11 +102,10 @@ def make_inputs(N, d, q_kind, mod, dtype, seed=0):
 
 def pin_config(monkeypatch, i):
     """Launch each kernel with the i-th of the configs it may run (counted modulo their number) alone: a single
-    config is run without benchmarking, which for 216 cases of distinct autotuning keys would take longer than
-    the cases. On a GPU the cases take every config in turn, autotuned (DAR_AUTOTUNE=1) or not."""
-    for k, kind in ((kernel._forward_kernel, "fwd"), (kernel._backward_kernel, "bwd")):
-        configs = kernel.CONFIGS[kind] if GPU else kernel._configs(kind)
-        monkeypatch.setattr(k, "configs", [configs[i % len(configs)]])
+    config is run without timing, which for 216 cases of distinct shape classes would take longer than the
+    cases. On a GPU the cases take every config in turn, whether DAR_AUTOTUNE=1 is set or not."""
+    pick = {kind: (kernel.CONFIGS[kind] if GPU else kernel._configs(kind)) for kind in ("fwd", "bwd")}
+    monkeypatch.setattr(kernel, "_configs", lambda kind: [pick[kind][i % len(pick[kind])]])
 
 
 @launches
@@ -236,6 +235,41 @@ def test_a_gpu_runs_the_pinned_configs_unless_autotuning_is_asked_for(monkeypatc
         assert kernel._configs(kind) == [kernel.PINNED[kind]] and kernel.PINNED[kind] in kernel.CONFIGS[kind]
         monkeypatch.setattr(kernel, "AUTOTUNE", True)
         assert kernel._configs(kind) == kernel.CONFIGS[kind]
+
+
+@launches
+def test_timing_configs_never_adds_into_the_live_gradient_buffers(monkeypatch):
+    """DAR_AUTOTUNE=1 times each config by running the kernel several times. The backward adds dv_i into the
+    buffer that v_i's other readers share, so timing it on the live buffers would add dv_i once per timed run:
+    with two configs and a timer that runs the kernel three times, the buffers and gradients must still be those
+    of a single launch of the config it picks."""
+    srcs, q, gamma, shift, scale, dx, _ = make_inputs(3, 72, "dynamic", True, torch.float32)
+    _, _, h32, lse = kernel.launch_forward(srcs, q, gamma, shift, scale, False, True)
+    left = [torch.randn_like(s) for s in srcs]  # what later readers of v_0 and v_2 left in their buffers
+
+    def backward():
+        buffers = [b.clone() for b in left]
+        grads = kernel.launch_backward(srcs, buffers, [True, False, True], q, gamma, shift, scale, h32, lse, dx, None)
+        return buffers, grads
+
+    once = backward()  # the one config this machine runs: nothing is timed
+    configs = [kernel._configs("bwd")[0], triton.Config({"U": 2, "STAGES": 1}, num_warps=4)]
+    runs = []
+
+    def timer(fn):  # runs the kernel three times, as a timer would; the first config timed is the fastest
+        for _ in range(3):
+            fn()
+        runs.append(fn)
+        return float(len(runs) % len(configs) or len(configs))
+
+    monkeypatch.setattr(kernel, "_configs", lambda kind: configs)
+    monkeypatch.setattr(kernel, "_benchmark", timer)
+    monkeypatch.setattr(kernel, "_TUNED", {})
+    tuned = backward()
+    assert len(runs) == 2 and [kind for kind, _ in kernel._TUNED] == ["bwd"]  # both configs timed, once
+    assert all(cfg is configs[0] for cfg in kernel._TUNED.values())
+    for a, b in zip(once[0] + list(once[1]), tuned[0] + list(tuned[1])):
+        assert torch.equal(a, b)
 
 
 def test_bad_shapes_are_rejected_with_clear_errors():  # rejected before any launch
