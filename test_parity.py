@@ -19,11 +19,31 @@ import triton.language as tl
 import dar
 import kernel
 from model import SiT
-from test_model import batch, perturb
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 pytestmark = pytest.mark.skipif(not (GPU or kernel.INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+# Helpers the model tests (tests/test_model.py) share.
+def perturb(model, std=0.3):
+    """Move every trainable parameter off its (often zero) initial value, so that nothing is trivially inert."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                fan_in = p[0].numel() if p.dim() > 1 else 1  # keep activations and logits O(1): no saturated softmax
+                p.add_(std / fan_in**0.5 * torch.randn_like(p))
+    return model
+
+
+def batch(model, B=3, seed=2, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g, dtype=dtype)
+    t = torch.rand(B, generator=g, dtype=dtype)
+    y = torch.randint(0, cfg.num_classes, (B,), generator=g)
+    return x, t, y
 
 
 @triton.jit
@@ -272,6 +292,28 @@ def test_timing_configs_never_adds_into_the_live_gradient_buffers(monkeypatch):
         assert torch.equal(a, b)
 
 
+@launches
+def test_a_prepared_launch_allocates_nothing_and_builds_no_table(monkeypatch):
+    """tools/gpu_check.py times forward_call's and backward_call's launch(config) as the kernels' own time: the
+    launch must not allocate, build an address table or copy one to the device."""
+    srcs, q, gamma, shift, scale, dx, _ = make_inputs(3, 72, "dynamic", True, torch.float32)
+    fwd, _, (_, _, h32, lse) = kernel.forward_call(srcs, q, gamma, shift, scale, False, True)
+    bwd, _, _ = kernel.backward_call(srcs, [torch.empty_like(s) for s in srcs], [False, True, False], q, gamma,
+                                     shift, scale, h32, lse, dx, None)
+    calls = []
+
+    def counted(name, fn):
+        return lambda *a, **k: calls.append(name) or fn(*a, **k)
+
+    for name in ("empty", "empty_like", "zeros", "zeros_like", "tensor", "empty_strided"):
+        monkeypatch.setattr(torch, name, counted(name, getattr(torch, name)))
+    monkeypatch.setattr(kernel, "_table", counted("_table", kernel._table))
+    monkeypatch.setattr(torch.Tensor, "contiguous", counted("contiguous", torch.Tensor.contiguous))
+    fwd(kernel._configs("fwd")[0])
+    bwd(kernel._configs("bwd")[0])
+    assert calls == []
+
+
 def test_bad_shapes_are_rejected_with_clear_errors():  # rejected before any launch
     srcs, q, gamma, shift, scale, _, _ = make_inputs(3, 72, "static", True, torch.float32)
     with pytest.raises(ValueError, match="q must be"):
@@ -400,7 +442,7 @@ def test_model_on_kernel_under_bf16_autocast_matches_reference():
 @pytest.mark.skipif(GPU, reason="a GPU compiles and runs the kernels in the tests above")
 def test_kernels_compile_for_hopper_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "sm90.py"], env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, os.path.join("tools", "sm90.py")], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     if run.returncode == 3:
         pytest.skip(run.stdout.strip())

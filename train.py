@@ -22,6 +22,8 @@ import copy
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -94,7 +96,7 @@ def parse_args(argv=None):
     a.add_argument("--bench-steps", type=int, default=20, help="with --bench: steps timed (after up to 5 "
                    "warm-up steps)")
     a.add_argument("--traffic", action="store_true", help="with --bench: count the bytes and kernels of one step "
-                   "for every routing on fake tensors (no GPU, no data; traffic.py) instead of timing")
+                   "for every routing on fake tensors (no GPU, no data; tools/traffic.py) instead of timing")
     args = p.parse_args(argv)
 
     if args.data and args.data_path or not (args.data or args.data_path or args.bench):
@@ -161,14 +163,12 @@ def peak_flops(device, precision):
 #################################################################################
 
 def main(args):
-    if args.traffic:
-        import traffic  # a measuring instrument, not part of the recipe
-        return traffic.report(args)
     # 1. Processes, devices, precision.
     rank, world, device = setup_distributed()
     master = rank == 0
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # bit-exact resume (PatchEmbed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     if args.global_batch_size % world:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} must be divisible by the {world} processes")
@@ -217,8 +217,7 @@ def main(args):
         module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
     if args.bench:
-        import traffic  # the step timer lives with the byte counter: instruments, not the recipe
-        return traffic.bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum)
+        return bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum)
     if master:
         os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
@@ -391,6 +390,36 @@ def sample_grid(args, ema, data, device, step, vae):
                   xlabel="aggregator l", xtick="{}")
 
 
+def bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum):
+    """--bench: time full training steps (forward, backward, optimiser, EMA) on the device, on data
+    drawn as training draws it; print step time, images/s, peak memory and MFU as one table row."""
+    steps = args.bench_steps
+    warmup = min(5, steps)
+    stream = Stream(data, args.global_batch_size, args.seed, device)
+    per_rank = args.global_batch_size // world
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync()
+            start = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        draw = stream.draw(step, model.config.class_dropout_prob)
+        train_step(args, module, opt, data, draw, slice(0, per_rank), micro, accum, encoder, autocast,
+                   model.config.num_classes)
+        update_ema(ema, model, args.ema_decay)
+    sync()
+    step_time = (time.time() - start) / steps
+    images_per_s = args.global_batch_size / step_time
+    peak = peak_flops(device, args.precision)
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else "n/a"
+    mfu = f"{3 * forward_flops(model_config(model)) * images_per_s / (world * peak):.1%}" if peak else "n/a"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"| device | model | routing | kernel | batch/GPU | step s | images/s | peak memory | MFU |\n"
+          f"| {name} | {args.model} | {args.routing} c{args.chunk} | {args.kernel} | {micro} x {accum} | "
+          f"{step_time:.3f} | {images_per_s:.1f} | {mem} | {mfu} |")
+
+
 def write_log(log, record):
     if log is None:
         return
@@ -401,4 +430,8 @@ def write_log(log, record):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    if args.traffic:  # the byte counter (tools/traffic.py) imports this file, so it runs as a process of its own
+        here = os.path.dirname(os.path.abspath(__file__))
+        sys.exit(subprocess.call([sys.executable, os.path.join(here, "tools", "traffic.py"), *sys.argv[1:]]))
+    main(args)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dar import aggregate_reference, sources
 from model import SiT, SiT_models, get_2d_sincos_pos_embed
+from test_parity import batch, perturb
 
 DAR_ROUTINGS = ("static", "explicit", "dynamic")
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=3, num_heads=4, num_classes=5)
@@ -16,26 +17,6 @@ TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=3, 
 def tiny(routing="residual", **kwargs):
     torch.manual_seed(0)
     return SiT(**{**TINY, "routing": routing, **kwargs})
-
-
-def perturb(model, std=0.3):
-    """Move every trainable parameter off its (often zero) initial value, so that nothing is trivially inert."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                fan_in = p[0].numel() if p.dim() > 1 else 1  # keep activations and logits O(1): no saturated softmax
-                p.add_(std / fan_in**0.5 * torch.randn_like(p))
-    return model
-
-
-def batch(model, B=3, seed=2, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g, dtype=dtype)
-    t = torch.rand(B, generator=g, dtype=dtype)
-    y = torch.randint(0, cfg.num_classes, (B,), generator=g)
-    return x, t, y
 
 
 #################################################################################

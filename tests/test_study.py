@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 
-import study
+from tools import study
 
 
 def test_study_resumes_run_by_run_and_reports_mean_and_spread_over_seeds(tmp_path):

@@ -20,6 +20,7 @@ from model import SiT, model_config
 from sample import LAST_STEP, sample_ode, sample_sde
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the scripts are
 
 
 #################################################################################
@@ -274,7 +275,7 @@ def test_fid_cli_on_a_toy_reference_batch(tmp_path):
         assert f["arr_0"].shape == (8, 16, 16, 3) and f["arr_0"].dtype == np.uint8
     out = subprocess.run([sys.executable, "fid.py", str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"),
                           f"--inception={tmp_path / 'inception.pth'}", f"--json={tmp_path / 'm.json'}"],
-                         cwd=HERE, capture_output=True, text=True, check=True).stdout
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "FID: " in out and "Precision: 1.0" in out and os.path.exists(tmp_path / "m.json")
 
 
@@ -351,7 +352,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def sample(*args, torchrun=False, wait=True):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
-    proc = subprocess.Popen([*launcher, "sample.py", *args], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.Popen([*launcher, "sample.py", *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc

@@ -3,7 +3,7 @@
 # trained on the toy shapes with one budget, one seed and one recipe, on the CPU (about 27 minutes on 2 cores),
 # then the held-out velocity losses as a table and the diagnostics of residual vs DAR.
 #
-#     bash study.sh [OUT_DIR]        (default results/study; finished runs are kept, so it can be re-run)
+#     bash tools/study.sh [OUT_DIR]        (default results/study; finished runs are kept, so it can be re-run)
 set -euo pipefail
 OUT=${1:-results/study}
 STEPS=2000

@@ -2,9 +2,9 @@
 The paper's claims at its own depth, on the CPU: narrow SiTs of 28 blocks (SiT-XL/2's depth, L = 56 sublayers)
 trained on the toy shapes with one recipe, differing only in routing, three seeds each:
 
-    python study.py --jobs=2        every run, then the report (about 3 hours on 2 cores; resumable)
-    python study.py --report-only   the report from the runs finished so far
-    python study.py --report-only --publish=docs/study28    and a copy of it and its figures under docs/
+    python tools/study.py --jobs=2        every run, then the report (about 3 hours on 2 cores; resumable)
+    python tools/study.py --report-only   the report from the runs finished so far
+    python tools/study.py --report-only --publish=docs/study28    and a copy of it and its figures under docs/
 
 Runs (all static routing unless named): at 28 blocks residual, static / explicit / dynamic c4, and static with
 chunk S in {1, 2, 4, 8, 14}; at 8 blocks (L = 16) the same S sweep. The paper's chunk analysis (section 5.5,
@@ -34,9 +34,10 @@ import time
 import numpy as np
 from scipy import stats
 
-from cli import HelpFormatter
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the scripts are
+sys.path.insert(0, ROOT)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from cli import HelpFormatter  # noqa: E402
 SWEEP = (1, 2, 4, 8, 14)
 PREDICTED = {28: (3.7, 4.9), 8: (3.7 * (16 / 56) ** 0.5, 4.9 * (16 / 56) ** 0.5)}  # Eq. (9): S* grows as sqrt(L)
 
@@ -92,7 +93,7 @@ def train(out, tiny, log=print, jobs=1):
         start = time.time()
         subprocess.run([sys.executable, "train.py", *common, f"--depth={depth}", f"--routing={routing}",
                         f"--chunk={chunk}", f"--seed={seed}", f"--max-steps={steps}", f"--results-dir={path}",
-                        *resume], cwd=HERE, check=True, capture_output=True,
+                        *resume], cwd=ROOT, check=True, capture_output=True,
                        env={**os.environ, "OMP_NUM_THREADS": threads})
         log(f"depth {depth} {name} seed {seed}: {time.time() - start:.0f} s")
 
@@ -185,7 +186,7 @@ def evaluate(out, tiny, log=print):
     if compared and not os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")):
         args = [f"--ckpt={ckpt(name, 0)}" for name in compared] + [f"--label={name}" for name in compared]
         subprocess.run([sys.executable, "diagnose.py", *args, f"--out={os.path.join(out, 'diagnose')}",
-                        "--num-samples=128", "--probe-pairs=64"], cwd=HERE, check=True, capture_output=True)
+                        "--num-samples=128", "--probe-pairs=64"], cwd=ROOT, check=True, capture_output=True)
         log("diagnostics done")
     if tiny:
         return  # the classifier takes minutes to train: the tests check the training and the report
@@ -193,7 +194,7 @@ def evaluate(out, tiny, log=print):
         for seed in seeds:
             path = os.path.join(run_dir(out, deep, name, seed), "toy_accuracy.txt")
             if os.path.exists(ckpt(name, seed)) and not os.path.exists(path):
-                result = subprocess.run([sys.executable, "toy_accuracy.py", f"--ckpt={ckpt(name, seed)}"], cwd=HERE,
+                result = subprocess.run([sys.executable, "toy_accuracy.py", f"--ckpt={ckpt(name, seed)}"], cwd=ROOT,
                                         check=True, capture_output=True, text=True).stdout
                 with open(path, "w") as f:
                     f.write(result)
@@ -239,7 +240,7 @@ def report(out, tiny):
     common, seeds, steps = recipe(tiny)
     table = losses(out, tiny)
     lines = ["# Study: residual routing vs DAR at the paper's depth", "",
-             f"`python study.py` ({len(seeds)} seeds, {steps} steps; recipe: `{' '.join(common)}`).", "",
+             f"`python tools/study.py` ({len(seeds)} seeds, {steps} steps; recipe: `{' '.join(common)}`).", "",
              f"Held-out velocity loss of the EMA weights ({flag(common, 'eval-samples')} held-out images, 8 fixed t, "
              "fixed noise), mean ± standard deviation over seeds; p: Welch's t-test against residual routing at the "
              "last step.", ""]

@@ -14,6 +14,8 @@ from checkpoint import load_checkpoint, load_model
 from model import SiT
 from train import init_from, main, parse_args
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the scripts are
+
 TINY = ["--model=SiT-S/4", "--depth=2", "--hidden-size=32", "--num-heads=2", "--precision=fp32", "--lr=1e-3"]
 
 
@@ -140,7 +142,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, kernel):
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
            f"--kernel={kernel}", f"--results-dir={tmp_path / 'two'}"]
     for cmd in (one, two):
-        subprocess.run(cmd, check=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
     log1, log2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     # Same draws and data; only the order in which the two halves' gradients are summed differs (and, for the
     # kernel, the order of its fp32 sums).

@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kernel
-import traffic
+from tools import traffic
 from model import SiT
 from train import parse_args
 

@@ -8,8 +8,8 @@ Per kernel and config it prints
     its global loads (LDG) and cp.async copies (LDGSTS) per source,
     the share of a row's lanes that are masked padding (the kernels tile d into power-of-two blocks).
 
-    python sm90.py                  d = 1152, bf16, per-token query, LayerNorm + modulate fused
-    python sm90.py --d 384 768      other widths
+    python tools/sm90.py                  d = 1152, bf16, per-token query, LayerNorm + modulate fused
+    python tools/sm90.py --d 384 768      other widths
 
 test_parity.py -k hopper runs it and fails on a spill, or on more than 12% masked lanes at d = 1152.
 A file of its own because it stands in for the CUDA driver, which leans on Triton internals nothing else should
@@ -21,6 +21,8 @@ import re
 import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # kernel.py
 
 
 def stand_in_for_driver():

@@ -1,9 +1,10 @@
 """
-What one training step costs in memory traffic, counted on any machine: `python train.py --bench --traffic`.
-(And at the end, `bench`, what it costs in time on the device: `python train.py --bench`.)
+What one training step costs in memory traffic, counted on any machine:
 
-Its own file because it is a measuring instrument, not part of the recipe: train.py stays a recipe and this
-file can be read on its own. No GPU is needed. The step (train.train_step and the EMA update, exactly as
+    python tools/traffic.py --model=SiT-XL/2 --global-batch-size=32    (train.py's flags; or train.py --bench --traffic)
+
+(What it costs in time on a device is `python train.py --bench`.) Its own file because it is a measuring
+instrument, not part of the recipe: train.py stays a recipe and this file can be read on its own. No GPU is needed. The step (train.train_step and the EMA update, exactly as
 training runs them) runs on fake tensors (torch's FakeTensorMode: shapes, dtypes and strides, no data and no
 memory) on the CPU device, under bf16 autocast when asked, with DAR on the fused kernel's custom ops. A
 TorchDispatchMode sees every aten op and charges it:
@@ -34,7 +35,8 @@ SXM (989 TFLOP/s dense bf16, 3.35 TB/s) and an H200 (989 TFLOP/s, 4.8 TB/s), sum
 FLOPs from torch's flop counter (matmuls and attention; elementwise work is charged by bytes alone).
 """
 import math
-import time
+import os
+import sys
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -43,7 +45,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-import kernel
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as tools/traffic.py: the repository's modules
+
+import kernel  # noqa: E402
+import train  # noqa: E402
 
 DEVICES = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}  # dense bf16 FLOP/s, bytes/s
 SMS = 132  # streaming multiprocessors of both, which set the backward's rows per program
@@ -136,8 +142,6 @@ def floor(model, B, T, itemsize):
 def count_step(args):
     """Build args' model on fake tensors, run one training step (train.train_step, then the EMA update) and
     return (rows by group, bytes saved for the backward, floor bytes)."""
-    import train  # train imports this file only for --traffic
-
     kernel_choice = "triton" if args.kernel == "auto" else args.kernel  # what a GPU runs
     data = train.load_data("random", args.image_size)
     stream = train.Stream(data, args.global_batch_size, args.seed, torch.device("cpu"))
@@ -221,33 +225,5 @@ def report(args):
     return results
 
 
-def bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum):
-    """train.py --bench: time full training steps (forward, backward, optimiser, EMA) on the device, on data
-    drawn as training draws it; print step time, images/s, peak memory and MFU as one table row."""
-    import train
-
-    steps = args.bench_steps
-    warmup = min(5, steps)
-    stream = train.Stream(data, args.global_batch_size, args.seed, device)
-    per_rank = args.global_batch_size // world
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for step in range(warmup + steps):
-        if step == warmup:
-            sync()
-            start = time.time()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-        draw = stream.draw(step, model.config.class_dropout_prob)
-        train.train_step(args, module, opt, data, draw, slice(0, per_rank), micro, accum, encoder, autocast,
-                   model.config.num_classes)
-        train.update_ema(ema, model, args.ema_decay)
-    sync()
-    step_time = (time.time() - start) / steps
-    images_per_s = args.global_batch_size / step_time
-    peak = train.peak_flops(device, args.precision)
-    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else "n/a"
-    mfu = f"{3 * train.forward_flops(train.model_config(model)) * images_per_s / (world * peak):.1%}" if peak else "n/a"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"| device | model | routing | kernel | batch/GPU | step s | images/s | peak memory | MFU |\n"
-          f"| {name} | {args.model} | {args.routing} c{args.chunk} | {args.kernel} | {micro} x {accum} | "
-          f"{step_time:.3f} | {images_per_s:.1f} | {mem} | {mfu} |")
+if __name__ == "__main__":
+    report(train.parse_args(["--bench", *sys.argv[1:]]))

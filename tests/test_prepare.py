@@ -19,8 +19,8 @@ from prepare_imagenet import center_crop
 from train import main as train_main, parse_args as train_args
 from vae import AutoencoderKL, load_vae
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-NOTES = os.path.join(HERE, "..", "shared", "notes", "vae-keys.txt")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the scripts are
+NOTES = os.path.join(ROOT, "..", "shared", "notes", "vae-keys.txt")
 
 
 #################################################################################
@@ -229,7 +229,7 @@ def prepare(imagenet, out, *extra, torchrun=False, wait=True):
             "--shard-size=4", "--batch-size=3", "--workers=0", *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, hence the same bytes
-    proc = subprocess.Popen([*launcher, "prepare_imagenet.py", *args], cwd=HERE, env=env,
+    proc = subprocess.Popen([*launcher, "prepare_imagenet.py", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
         output = proc.communicate()[0]

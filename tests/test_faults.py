@@ -23,7 +23,7 @@ import toy_accuracy
 import train
 from checkpoint import load_checkpoint, resolve, save_checkpoint
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the scripts are
 TINY = ["--model=SiT-S/4", "--depth=2", "--hidden-size=32", "--num-heads=2", "--precision=fp32", "--lr=1e-3",
         "--image-size=16"]
 
@@ -216,7 +216,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_earlier_ones_and_no_half_fi
     before = files(ckpt_dir)
     writer = ("import sys, torch; from checkpoint import save_checkpoint; "
               "save_checkpoint({'x': torch.zeros(200_000_000, dtype=torch.uint8)}, sys.argv[1])")
-    proc = subprocess.Popen([sys.executable, "-c", writer, str(ckpt_dir / "0000006.pt")], cwd=HERE)
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(ckpt_dir / "0000006.pt")], cwd=ROOT)
     while not (ckpt_dir / "0000006.pt.tmp").exists() and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
