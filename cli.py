@@ -5,9 +5,6 @@ What every script shares: the --help that shows each option's default, and the s
 import argparse
 import os
 
-import torch
-import torch.distributed as dist
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The scripts' --help: their docstring as written, and every option's default (unless its help already says
@@ -22,6 +19,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def setup_distributed():
     """(rank, world size, device): torchrun's variables when present (NCCL on GPUs, gloo on CPUs), else one
     process on the GPU if there is one."""
+    import torch  # here, so that a script's --help (and tools/gpu_check.py's parts) start without loading torch
+    import torch.distributed as dist
+
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
