@@ -119,23 +119,16 @@ def weights_of(checkpoint, ema=True):
 #                                   Resuming                                    #
 #################################################################################
 
-# What a resumed run must share with its checkpoint: what defines the model, the data, the held-out split or the
-# recipe. The RETUNABLE flags may change on resume (a lower --lr or a --grad-clip is the way out of a diverged
-# run); the change is printed and logged.
-RUN_DEFINING = ("model", "depth", "hidden_size", "num_heads", "routing", "chunk", "final_agg", "data", "data_path",
-                "image_size", "global_batch_size", "ema_decay", "seed", "repa", "repa_depth", "repa_coeff",
-                "eval_samples")  # eval_samples: the held-out split
-RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "compile", "grad_checkpoint")
-
-
-def resume(args, ckpt_dir, model, ema, opt, projector, verbose=True):
+def resume(args, ckpt_dir, model, ema, opt, projector, retunable, per_invocation, verbose=True):
     """Load the checkpoint that --resume names (resume_source) into the model, EMA, optimiser and projector and
-    the CPU generator; returns its step. Refuses one trained with other RUN_DEFINING settings; prints the
-    RETUNABLE ones that changed (verbose) and drops the log records after the step."""
+    the CPU generator; returns its step. Of the run's settings (args, as the checkpoint stored them), those named
+    in `retunable` may change (printed when verbose), those in `per_invocation` are this command's alone, and
+    every other one defines the run: a checkpoint trained with another value is refused. Drops the log records
+    after the step."""
     source, ckpt = resume_source(args.resume, ckpt_dir)
     then, now = ckpt["args"], vars(args)
-    differ = lambda keys: {k: (then.get(k), now.get(k)) for k in keys if then.get(k) != now.get(k)}
-    changed = differ(RUN_DEFINING)
+    differ = lambda keys: {k: (then.get(k), now.get(k)) for k in sorted(keys) if then.get(k) != now.get(k)}
+    changed = differ((then.keys() | now.keys()) - set(retunable) - set(per_invocation))
     if changed:
         raise SystemExit(f"{source} was trained with other settings; resuming would not continue that run. "
                          f"Differences (checkpoint, now): {changed}")
@@ -148,7 +141,7 @@ def resume(args, ckpt_dir, model, ema, opt, projector, verbose=True):
         projector.load_state_dict(ckpt["projector"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if verbose:
-        retuned = differ(RETUNABLE)
+        retuned = differ(retunable)
         print(f"resumed from {source} at step {ckpt['step']}"
               + (f"; changed (checkpoint, now): {retuned}" if retuned else ""))
         drop_log_after(os.path.join(args.results_dir, "log.jsonl"), ckpt["step"])

@@ -14,7 +14,7 @@ The query q_l comes in three variants (Eq. 6 and "Timestep injection"), chosen b
 All queries start at zero, so every aggregator starts as a uniform average of its sources.
 
 The source set S_l is chunked (Eq. 7) and a dedicated final aggregator (Eq. 11) feeds the prediction head;
-`sources` below is the one definition of both. Everything here is plain PyTorch: `aggregate_reference` is
+`source_set` below is the one definition of both. Everything here is plain PyTorch: `aggregate_reference` is
 the readable reference of Eq. (5) and the CPU path, `aggregate` is the one place where the fused kernel
 (kernel.py) takes over.
 """
@@ -34,11 +34,21 @@ FINAL_AGGS = ("dedicated", "reuse")
 KERNELS = ("auto", "triton", "torch")
 
 
-def sources(l, chunk, num_sublayers):
-    """Indices of the sources that aggregator l reads (0 = the embedding v_0, i = sublayer output v_i).
+def source_set(l, chunk, num_sublayers):
+    """S_l: the indices i of the sources v_i that aggregator l reads (v_0 the embedding, v_i sublayer i's output).
 
-    l is 1-based: l = 1..L are the sublayers, l = L + 1 is the final aggregator. chunk is S, counted in
-    sublayers (S = 4 is two transformer blocks; S = 1 is dense routing over every earlier output).
+    l = 1..L are the sublayers, l = L + 1 is the final aggregator. chunk is S, counted in sublayers (S = 4 is
+    two transformer blocks; S = 1 is dense routing over every earlier output). The chunk summaries are
+    c_0 = v_0 and c_j = v_{jS}, the last output of chunk j; sublayer l lies in chunk n = ceil(l / S).
+    Worked example, L = 8 (four blocks), S = 4:
+
+        l   chunk n   summaries c_0..c_{n-1}   outputs since the last boundary   S_l
+        1   1         v_0                      -                                 [0]
+        3   1         v_0                      v_1, v_2                          [0, 1, 2]
+        4   1         v_0                      v_1, v_2, v_3                     [0, 1, 2, 3]
+        5   2         v_0, v_4                 -                                 [0, 4]
+        7   2         v_0, v_4                 v_5, v_6                          [0, 4, 5, 6]
+        9   final     v_0, v_4                 v_5, v_6, v_7, v_8 (Eq. 11)       [0, 4, 5, 6, 7, 8]
     """
     L, S = num_sublayers, chunk
     if not (isinstance(S, int) and 1 <= S <= L):
@@ -133,13 +143,6 @@ class Router(nn.Module):
             return self.w + e
         return self.w
 
-    def _load_from_state_dict(self, state, prefix, *args, **kwargs):
-        # Checkpoints written before these names called both the query's parameter "query".
-        for old, new in ((prefix + "query", prefix + "w"), (prefix + "query.weight", prefix + "W_q.weight")):
-            if old in state and new not in state:
-                state[new] = state.pop(old)
-        super()._load_from_state_dict(state, prefix, *args, **kwargs)
-
 
 class Routing(nn.ModuleDict):
     """Every aggregator of a DAR model, keyed by the paper's l: routers["1"] ... routers[str(L)], and
@@ -151,7 +154,7 @@ class Routing(nn.ModuleDict):
 
     def __init__(self, dim, num_sublayers, routing, chunk=4, final_agg="dedicated", kernel="auto"):
         L = num_sublayers
-        source_sets = [sources(l, chunk, L) for l in range(1, L + 2)]  # validates chunk
+        source_sets = [source_set(l, chunk, L) for l in range(1, L + 2)]  # validates chunk
         routers = {str(l): Router(dim, routing) for l in range(1, L + 1)}
         if final_agg == "dedicated":
             routers["final"] = Router(dim, routing)
@@ -168,23 +171,42 @@ class Routing(nn.ModuleDict):
             return self[str(l)]
         return self["final"] if self.final_agg == "dedicated" else self[str(self.num_sublayers)]
 
-    def aggregate(self, l, vs, e, shift=None, scale=None, need_h=False, need_alpha=False, tokens=None):
-        """Aggregation l (Eq. 5) over vs, a dict {i: v_i} holding at least S_l; e is the timestep embedding
+    def aggregate(self, l, v, e, shift=None, scale=None, need_h=False, need_alpha=False, shared=None):
+        """Aggregation l (Eq. 5) over v, a dict {i: v_i} holding at least S_l; e is the timestep embedding
         (B, d). With shift and scale it is followed by sublayer l's LayerNorm + modulate: x is the sublayer's input.
 
         The query input is v_{l-1}, which is always in S_l; for the final aggregator it is v_L (Eq. 6).
-        tokens, a dict {i: token} kept over one forward pass, lets the fused kernel accumulate each source's
-        gradient over its readers in one buffer (kernel.py); this call takes the tokens of S_l from it and
-        leaves the new ones there. Returns (x, h, alpha) as `aggregate_reference` does.
+        shared, a SharedGradients kept over one forward pass, lets the fused kernel add every reader's gradient
+        of a source into one buffer. Returns (x, h, alpha) as `aggregate_reference` does.
         """
         router = self.router(l)
-        q = router.query(vs[l - 1], e)
+        q = router.query(v[l - 1], e)
         S_l = self.source_sets[l - 1]
-        srcs = [vs[i] for i in S_l]
-        if tokens is None:
-            return aggregate(srcs, q, router.gamma, shift, scale, self.kernel, need_h, need_alpha)[:3]
-        hand_on = [self.last_reader[i] > l for i in S_l]
-        x, h, alpha, new_tokens = aggregate(srcs, q, router.gamma, shift, scale, self.kernel, need_h, need_alpha,
-                                            [tokens.get(i) for i in S_l], hand_on)
-        tokens.update(zip([i for i, handed in zip(S_l, hand_on) if handed], new_tokens))
+        inputs = [v[i] for i in S_l]
+        if shared is None:
+            return aggregate(inputs, q, router.gamma, shift, scale, self.kernel, need_h, need_alpha)[:3]
+        tokens, hand_on = shared.read(l, S_l)
+        x, h, alpha, new_tokens = aggregate(inputs, q, router.gamma, shift, scale, self.kernel, need_h, need_alpha,
+                                            tokens, hand_on)
+        shared.hand_on(l, S_l, new_tokens)
         return x, h, alpha
+
+
+class SharedGradients:
+    """One gradient buffer per source for the fused kernel, over one forward pass: every reader of v_i adds its
+    gradient into the same buffer, instead of autograd summing one per reader. Each reader hands the next a
+    token through which the buffer travels back in the backward (kernel.py, above _aggregate_op, says how);
+    this holds the tokens handed on and not yet taken."""
+
+    def __init__(self, last_reader):
+        self.last_reader = last_reader  # {i: the last aggregator l that reads v_i}
+        self.tokens = {}
+
+    def read(self, l, S_l):
+        """(tokens, hand_on) for aggregator l: per source the token its previous reader handed on (None for its
+        first reader), and whether a later aggregator reads it."""
+        return [self.tokens.pop(i, None) for i in S_l], [self.last_reader[i] > l for i in S_l]
+
+    def hand_on(self, l, S_l, new_tokens):
+        """Keep the tokens aggregator l handed on, one per source of S_l that a later aggregator reads."""
+        self.tokens.update(zip([i for i in S_l if self.last_reader[i] > l], new_tokens))

@@ -16,14 +16,14 @@ What makes the numbers ADM's:
     splits of 5000; precision and recall with k = 3 nearest-neighbour balls on pool_3, from pairwise squared
     distances computed in float16 as ADM's evaluator does (--exact-distances: float32);
   - statistics in float64 with ddof = 1; the reference's mu, sigma, mu_s, sigma_s when its .npz has them.
-Checked against ADM's evaluator itself, run under TensorFlow on fixed inputs (testdata/make_adm_fixtures.py
-made testdata/adm_fixtures.json; test_fid.py compares): the resize is bit-identical, FID and sFID agree to
-5e-8 relative, IS to 5e-7, and precision and recall to within one image of a few hundred (0.0033 at most:
-TensorFlow's float16 sums round in an order this emulation does not reproduce; with float32 distances the gap
-was up to 0.013). The matrix square root is taken by symmetric eigendecompositions (the same value; SciPy's
-sqrtm has broken and changed its signature across versions). Not compared: the Inception network against the
-TF graph (a download); the review that asked for these fixtures found it equal to pytorch-fid's port of that
-graph (pool_3 to 4e-7 on identical random weights).
+Checked against ADM's evaluator itself, run under TensorFlow on fixed inputs (tests/testdata/adm_fixtures.json,
+made by tests/testdata/make_adm_fixtures.py; tests/test_fid.py compares): the resize is bit-identical, FID and
+sFID agree to 5e-8 relative, IS to 5e-7, and precision and recall to within one image of a few hundred (0.0033
+at most: TensorFlow's float16 sums round in an order this emulation does not reproduce; with float32 distances
+the gap is up to 0.013). The matrix square root is taken by symmetric eigendecompositions (the same value;
+SciPy's sqrtm has broken and changed its signature across versions). Not compared: the Inception network
+against the TF graph (a download); it equals pytorch-fid's port of that graph (pool_3 to 4e-7 on identical
+random weights).
 """
 import argparse
 import json

@@ -6,8 +6,6 @@ with a routing switch: `routing="residual"` is SiT exactly (official checkpoints
 Conventions (docs/design.md section 1): SiT's linear interpolant x_t = t * x1 + (1 - t) * eps with
 t in [0, 1], t = 0 pure noise and t = 1 data; the network predicts the velocity x1 - eps. Label
 `num_classes` is the null class of classifier-free guidance.
-
-    python model.py    prints parameter counts and forward GFLOPs of every preset and routing
 """
 import math
 from dataclasses import asdict, dataclass
@@ -19,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from dar import FINAL_AGGS, KERNELS, ROUTINGS, Routing
+from dar import FINAL_AGGS, KERNELS, ROUTINGS, Routing, SharedGradients
 
 
 @dataclass
@@ -249,13 +247,13 @@ class SiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, return_states=False, return_weights=False):
+    def forward(self, x, t, y, return_states=False, return_weights=False, states_at=None):
         """Predict the velocity x1 - eps at x_t (t = 0 noise, t = 1 data).
 
         x: (B, C, H, W) the noisy input x_t; t: (B,) in [0, 1]; y: (B,) labels, num_classes = null class.
         Returns (B, C, H, W). With return_states and/or return_weights, returns (velocity, extras) with
           extras["z"]      list of depth tensors (B, T, d): z_k, the state after block k (design.md section 2);
-                           return_states may name the blocks k wanted (REPA: {8}), the others are then None
+                           states_at, blocks k (REPA: (8,)), keeps only those and leaves None for the others
           extras["alpha"]  list of L + 1 tensors (B, T, |S_l|): each aggregator's routing weights (DAR;
                            empty for residual); asking for them runs DAR on the reference path.
         """
@@ -264,7 +262,7 @@ class SiT(nn.Module):
         e = self.t_embedder(t)  # (B, d)
         c = e + self.y_embedder(y)  # (B, d)
         depth = self.config.depth
-        need_z = set(range(1, depth + 1)) if return_states is True else set(return_states or ())
+        need_z = set(range(1, depth + 1) if states_at is None else states_at) if return_states else set()
         extras = {"z": [None] * depth, "alpha": []}
         if self.config.routing == "residual":
             h = v0
@@ -283,49 +281,32 @@ class SiT(nn.Module):
         return out, {key: extras[key] for key, wanted in (("z", return_states), ("alpha", return_weights)) if wanted}
 
     def forward_dar(self, v0, c, e, extras, need_z=(), need_alpha=False):
-        """The blocks and the final layer under DAR; returns the final linear's output.
+        """The sublayers and the final layer under DAR; returns the final linear's output.
 
-        SiTBlock.forward feeds each sublayer modulate(norm(x)) of the running sum x. Here the sum is replaced by
-        aggregation l (Eq. 5), which also applies sublayer l's LayerNorm (no affine, eps 1e-6 as norm1, norm2 and
-        norm_final) and adaLN modulate: routers.aggregate returns the sublayer's input x = modulate(LN(h_l)) (and
-        h_l itself only when asked), so norm1, norm2 and norm_final are not called, and neither is
-        FinalLayer.forward: the final aggregation ends in its LayerNorm + modulate, then final_layer.linear.
+        Sublayer l = 1..L (attention for odd l, MLP for even) reads x = modulate(LN(h_l)), h_l the aggregation of
+        its sources S_l (Eq. 5-7), and outputs v_l = gate_l * f_l(x); aggregator L + 1 (Eq. 11) feeds the final
+        linear. routers.aggregate applies the LayerNorm (no affine, eps 1e-6, as norm1, norm2 and norm_final)
+        and adaLN modulate itself, so those norms and FinalLayer.forward are not called here.
         """
-        device = v0.device.type
-        # (Not torch.amp.is_autocast_available: torch.compile of torch 2.11 cannot trace it. Meta tensors, which
-        # forward_flops counts on, have no autocast state.)
-        if device != "meta" and torch.is_autocast_enabled(device):
-            v0 = v0.to(torch.get_autocast_dtype(device))  # one dtype for all sources, as the kernel reads them
-        vs = {0: v0.contiguous()}  # the sources v_i that a later aggregation still reads
-        tokens = {}  # the fused kernel's handles on each source's shared gradient buffer (dar.Routing.aggregate)
-
-        def aggregation(l, shift, scale, need_h=False):
-            x, h, alpha = self.routers.aggregate(l, vs, e, shift, scale, need_h, need_alpha, tokens)
+        L = 2 * self.config.depth
+        f = [sublayer for block in self.blocks for sublayer in (block.attn, block.mlp)]  # f[l - 1] is f_l
+        mods = [m for block in self.blocks for m in block.modulations(c)]  # (shift, scale, gate) of sublayer l
+        mods.append((*self.final_layer.adaLN_modulation(c).chunk(2, dim=1), None))
+        if v0.device.type != "meta" and torch.is_autocast_enabled(v0.device.type):  # (meta: forward_flops)
+            v0 = v0.to(torch.get_autocast_dtype(v0.device.type))  # the embedding adds an fp32 table; one dtype for all
+        v = {0: v0.contiguous()}  # v_i, for every i that a later aggregator still reads
+        shared = SharedGradients(self.routers.last_reader)
+        for l in range(1, L + 2):
+            shift, scale, gate = mods[l - 1]
+            k = (l - 1) // 2 if l % 2 else None  # z_k = h_{2k+1}: the input of block k + 1, or of the final layer
+            x, h, alpha = self.routers.aggregate(l, v, e, shift, scale, k in need_z, need_alpha, shared)
+            if k in need_z:
+                extras["z"][k - 1] = h
             if alpha is not None:
                 extras["alpha"].append(alpha)
-            return x, h
-
-        def sublayer(l, f, x, gate):
-            vs[l] = gate.unsqueeze(1) * self._maybe_checkpoint(f, x)  # v_l, gate included
-            for i in [i for i in vs if self.routers.last_reader[i] == l]:  # no later aggregation reads v_i: drop it
-                del vs[i]
-                tokens.pop(i, None)
-
-        for k, block in enumerate(self.blocks):
-            (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = block.modulations(c)
-            # z_k, the state after block k, is h_{2k+1}: the aggregated input of block k + 1's attention.
-            keep_z = k > 0 and k in need_z
-            x, h = aggregation(2 * k + 1, shift_msa, scale_msa, need_h=keep_z)
-            if keep_z:
-                extras["z"][k - 1] = h
-            sublayer(2 * k + 1, block.attn, x, gate_msa)
-            x, _ = aggregation(2 * k + 2, shift_mlp, scale_mlp)
-            sublayer(2 * k + 2, block.mlp, x, gate_mlp)
-        depth = len(self.blocks)
-        shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
-        x, h = aggregation(2 * depth + 1, shift, scale, need_h=depth in need_z)  # z_depth: the final aggregate
-        if depth in need_z:
-            extras["z"][depth - 1] = h
+            if l <= L:
+                v[l] = gate.unsqueeze(1) * self._maybe_checkpoint(f[l - 1], x)  # v_l, its adaLN-Zero gate included
+                v = {i: v_i for i, v_i in v.items() if self.routers.last_reader[i] > l}
         return self.final_layer.linear(x)
 
     def _maybe_checkpoint(self, f, *args):
@@ -414,30 +395,3 @@ def forward_flops(config):
     with FlopCounterMode(display=False) as counter:
         model(x, t, y)
     return counter.get_total_flops()
-
-
-if __name__ == "__main__":
-
-    def aggregation_gflops(model):
-        # DAR's aggregation is elementwise and uncounted above: about 6 FLOPs per source element
-        # (sum of squares, q . k, weighted sum), over T tokens of width d.
-        cfg = model.config
-        if cfg.routing == "residual":
-            return 0.0
-        T = (cfg.input_size // cfg.patch_size) ** 2
-        return 6 * T * cfg.hidden_size * sum(len(S) for S in model.routers.source_sets) / 1e9
-
-    print(f"{'':<10}" + "".join(f" | {r:<29}" for r in ROUTINGS))
-    print(f"{'preset':<10}" + " | parameters    GFLOPs   +agg  " * len(ROUTINGS))
-    for name, build in SiT_models.items():
-        row = f"{name:<10}"
-        for routing in ROUTINGS:
-            with torch.device("meta"):
-                model = build(routing=routing)
-            params = sum(p.numel() for p in model.parameters())
-            gflops = forward_flops(model_config(model)) / 1e9
-            row += f" | {params:>13,} {gflops:>7.1f} {aggregation_gflops(model):>5.2f}  "
-        print(row)
-    print("256x256 images as 4x32x32 SD-VAE latents, chunk 4, dedicated final aggregator. parameters include the"
-          "\nfrozen pos_embed; GFLOPs count 2 per multiply-add (DiT's paper counts 1: 118.6 for XL/2); +agg is"
-          "\nDAR's elementwise aggregation, memory-bound in practice.")

@@ -46,6 +46,14 @@ from vae import load_vae
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20", 148e12), ("A100", 312e12))
 
 
+# What --resume may change. Every other flag defines the run (its model, data, held-out split or recipe), and a
+# resume that changes one is refused; so a flag you add counts as run-defining until you name it here.
+RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "compile", "grad_checkpoint")  # printed
+PER_INVOCATION = ("results_dir", "resume", "init_from", "max_steps", "log_every", "eval_every", "sample_every",
+                  "sample_steps", "sample_cfg", "vae", "ckpt_every", "bench", "bench_steps", "traffic",
+                  "repa_encoder")  # repa_encoder: where the weights are on this machine (checkpoints keep their sha256)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("model")
@@ -147,7 +155,7 @@ class Trainee(nn.Module):
     def forward(self, x, t, y):
         if self.projector is None:
             return self.model(x, t, y), None
-        v, extras = self.model(x, t, y, return_states={self.repa_depth})  # only z_k: no other state is kept
+        v, extras = self.model(x, t, y, return_states=True, states_at=(self.repa_depth,))  # only z_k is kept
         return v, self.projector(extras["z"][self.repa_depth - 1])
 
 
@@ -206,7 +214,7 @@ def main(args):
 
     ckpt_dir = os.path.join(args.results_dir, "checkpoints")
     if args.resume:
-        step = resume(args, ckpt_dir, model, ema, opt, projector, verbose=master)
+        step = resume(args, ckpt_dir, model, ema, opt, projector, RETUNABLE, PER_INVOCATION, verbose=master)
     elif not args.bench:
         refuse_used(args.results_dir)
         if args.init_from:

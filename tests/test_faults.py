@@ -1,5 +1,6 @@
 """Bad input and faults, as a new user meets them: each case asserts the message a user sees and that no file
 that existed before changed (nothing already written is lost). Tiny models and the toy data, on the CPU."""
+import argparse
 import errno
 import hashlib
 import json
@@ -124,6 +125,17 @@ def test_a_fresh_start_never_writes_over_the_records_of_a_run_without_checkpoint
                                        ("--routing=dynamic", "routing"), ("--global-batch-size=8", "global_batch_size")])
 def test_resume_refuses_settings_that_would_not_continue_the_run(run_dir, flag, key):
     assert_refused(lambda: run_train(run_dir, "--resume=latest", flag, steps=6), f"'{key}'", run_dir)
+
+
+def test_a_flag_that_no_resume_rule_names_defines_the_run(run_dir, monkeypatch, capsys):
+    """A flag a forker adds (here warmup_steps) is refused on resume when it changes, until train.py names it
+    RETUNABLE, whereupon the change is printed."""
+    parse = train.parse_args
+    monkeypatch.setattr(train, "parse_args", lambda argv: argparse.Namespace(**vars(parse(argv)), warmup_steps=5))
+    assert_refused(lambda: run_train(run_dir, "--resume=latest", steps=6), "'warmup_steps': (None, 5)", run_dir)
+    monkeypatch.setattr(train, "RETUNABLE", (*train.RETUNABLE, "warmup_steps"))
+    run_train(run_dir, "--resume=latest", steps=6)
+    assert "changed (checkpoint, now): {'warmup_steps': (None, 5)}" in capsys.readouterr().out
 
 
 def test_resume_allows_and_records_a_new_precision_and_micro_batch(tmp_path, capsys):

@@ -1,12 +1,11 @@
 """Tests of model.py and dar.py on the CPU: SiT fidelity, DAR's definition, initialisation and gradients."""
 import math
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dar import aggregate_reference, sources
+from dar import aggregate_reference, source_set
 from model import SiT, SiT_models, get_2d_sincos_pos_embed
 from test_parity import batch, perturb
 
@@ -120,27 +119,27 @@ def test_pos_embed_encodes_column_then_row():
 #################################################################################
 
 def test_sources_worked_example_l8_s4():
-    assert sources(1, 4, 8) == [0]
-    assert sources(3, 4, 8) == [0, 1, 2]
-    assert sources(4, 4, 8) == [0, 1, 2, 3]
-    assert sources(5, 4, 8) == [0, 4]
-    assert sources(7, 4, 8) == [0, 4, 5, 6]
-    assert sources(9, 4, 8) == [0, 4, 5, 6, 7, 8]  # final aggregator
+    assert source_set(1, 4, 8) == [0]
+    assert source_set(3, 4, 8) == [0, 1, 2]
+    assert source_set(4, 4, 8) == [0, 1, 2, 3]
+    assert source_set(5, 4, 8) == [0, 4]
+    assert source_set(7, 4, 8) == [0, 4, 5, 6]
+    assert source_set(9, 4, 8) == [0, 4, 5, 6, 7, 8]  # final aggregator
 
 
 def test_sources_dense_is_every_earlier_output():
     for l in range(1, 10):
-        assert sources(l, 1, 8) == list(range(l))
-    assert sources(57, 1, 56) == list(range(57))  # the paper's N = 57 at SiT-XL/2
+        assert source_set(l, 1, 8) == list(range(l))
+    assert source_set(57, 1, 56) == list(range(57))  # the paper's N = 57 at SiT-XL/2
 
 
 def test_sources_with_a_chunk_that_does_not_divide_l():
     # L = 8, S = 3: chunks {1,2,3}, {4,5,6}, {7,8}; the last chunk is shorter.
-    assert sources(4, 3, 8) == [0, 3]
-    assert sources(6, 3, 8) == [0, 3, 4, 5]
-    assert sources(7, 3, 8) == [0, 3, 6]
-    assert sources(8, 3, 8) == [0, 3, 6, 7]
-    assert sources(9, 3, 8) == [0, 3, 6, 7, 8]
+    assert source_set(4, 3, 8) == [0, 3]
+    assert source_set(6, 3, 8) == [0, 3, 4, 5]
+    assert source_set(7, 3, 8) == [0, 3, 6]
+    assert source_set(8, 3, 8) == [0, 3, 6, 7]
+    assert source_set(9, 3, 8) == [0, 3, 6, 7, 8]
 
 
 def test_sources_are_bounded_by_n_plus_s():
@@ -148,7 +147,7 @@ def test_sources_are_bounded_by_n_plus_s():
         for S in range(1, L + 1):
             N = math.ceil(L / S)
             for l in range(1, L + 2):
-                got = sources(l, S, L)
+                got = source_set(l, S, L)
                 assert got == sorted(set(got)) and all(i < l for i in got) and 0 in got and l - 1 in got
                 assert len(got) <= N + S
 
@@ -156,7 +155,7 @@ def test_sources_are_bounded_by_n_plus_s():
 @pytest.mark.parametrize("bad", [0, -1, 9, 2.0, None])
 def test_invalid_chunk_sizes_are_rejected(bad):
     with pytest.raises(ValueError, match="chunk size"):
-        sources(1, bad, 8)
+        source_set(1, bad, 8)
     with pytest.raises(ValueError, match="chunk size"):
         SiT(**TINY, routing="static", chunk=bad)
 
@@ -378,17 +377,3 @@ def test_gradient_checkpointing_leaves_gradients_unchanged(routing):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("routing", ["static", "dynamic"])
-def test_checkpoints_with_the_old_query_names_still_load(routing):
-    """The query's parameter was called "query" in both variants; it is w (static, explicit) or W_q (dynamic)."""
-    model = tiny(routing, chunk=2)
-    for p in model.routers.parameters():
-        torch.nn.init.normal_(p)
-    rename = lambda k: re.sub(r"\.(W_q\.weight|w)$", lambda m: ".query.weight" if m[1] != "w" else ".query", k)
-    old = {rename(k): v for k, v in model.state_dict().items()}
-    assert any(".query" in k for k in old)
-    fresh = tiny(routing, chunk=2)
-    fresh.load_state_dict(old, strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

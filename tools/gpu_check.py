@@ -185,11 +185,10 @@ def kernel_part(smoke):
         inputs = [t.requires_grad_() for t in sources + [q, gamma, shift, scale]]
         both = {}
         for path, fn in (("op", kernel.aggregate_fused), ("reference", dar.aggregate_reference)):
-            step = lambda: torch.autograd.grad(fn(sources, q, gamma, shift, scale)[0], inputs, dx)
+            step = lambda fn=fn: torch.autograd.grad(fn(sources, q, gamma, shift, scale)[0], inputs, dx)
             both[path] = timer(device, graph=False)(step)  # as training calls it: host work included
         print(f"| {batch} | {N} | " + " | ".join(cells) + f" | {both['op']:.3f} | {both['reference']:.3f} | "
               f"{both['op'] / both['reference']:.2f} |")
-        del sources, inputs, q, dx
         gc.collect()
     print("Raw: one launch of the kernel alone, its table and buffers made beforehand (what training adds on top: "
           "the table's copy, the allocations, autograd). GB/s: the bytes kernel.traffic counts (forward: every "
