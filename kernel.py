@@ -16,16 +16,16 @@ activation memory grows with N (N = 57 for dense routing at SiT-XL/2). Here:
   and dshift are summed per program in fp32 registers and the per-program partials are summed afterwards in
   PyTorch (deterministic: no atomics). Saving h costs 8 bytes per element (4 written, 4 read); recovering it
   would read all N sources a second time (2N bytes per element in bf16), so saving wins from N = 5 on, and at
-  SiT-XL/2 c4 it saves about a tenth of the aggregations' bytes (train.py --bench --traffic counts them).
+  SiT-XL/2 c4 it saves about a tenth of the aggregations' bytes (tools/traffic.py counts them).
 Sources stay separate tensors, never stacked (stacking per layer would make memory quadratic in depth): the
 kernels read a small int64 table of their addresses and loop over it at run time, U sources per step, so U
 rows of loads are in flight at once (STAGES steps of them with software pipelining). One compiled kernel serves
 every N. A row is held as two power-of-two blocks, so no lane is padding at SiT's widths. U, the warps and
 STAGES are pinned (PINNED below), so that runs are bit-reproducible; DAR_AUTOTUNE=1 times them and picks.
 
-    python gpu_check.py --part=kernel     naive vs fused at the SiT-XL/2 working point (on a CUDA GPU)
-    python gpu_check.py --part=configs    every config of each kernel timed alone there (on a CUDA GPU)
-    python sm90.py                        what they compile to for an H100, on a machine without one
+    python tools/gpu_check.py --part=kernel     the raw kernels and the whole op at SiT-XL/2's widths (CUDA GPU)
+    python tools/gpu_check.py --part=configs    every config of each kernel timed alone there (CUDA GPU)
+    python tools/sm90.py                        what they compile to for an H100, on a machine without one
 
 Tests: test_parity.py (on a CPU under TRITON_INTERPRET=1 at small shapes, at full size on a GPU).
 """
@@ -44,7 +44,7 @@ EPS = tl.constexpr(1e-6)  # of the keys' RMSNorm and the output LayerNorm, as in
 # A config: U sources loaded per loop step (more bytes in flight per program, more registers), STAGES loop steps
 # whose loads are in flight at once (software pipelining through cp.async; 1 = none) and the warps per program.
 # These are the (U, warps, STAGES) that compile for sm_90 without spilling registers on both Triton 3.6 and 3.9
-# (`python sm90.py --space` compiles every one and shows which spill: in the backward, U = 4 at 4 or 16 warps
+# (`python tools/sm90.py --space` compiles every one and shows which spill: in the backward, U = 4 at 4 or 16 warps
 # on both, U = 2 at 4 or 16 warps and U = 1 at 8 warps on one of them); 16-warp forwards are left out, as they
 # issue the most instructions per source.
 CONFIGS = {"fwd": [triton.Config({"U": u, "STAGES": s}, num_warps=w)
@@ -53,7 +53,7 @@ CONFIGS = {"fwd": [triton.Config({"U": u, "STAGES": s}, num_warps=w)
                    for u, w in ((1, 4), (1, 16), (2, 8), (4, 8)) for s in (1, 3)]}
 # The config that runs unless DAR_AUTOTUNE=1. U and the warps set the order of the fp32 sums, so a config chosen
 # by timing (which varies from run to run) would make two runs, or a run and its resumption, differ in the last
-# bits (STAGES does not change the sums). Until a GPU times them (gpu_check.py --part=configs), they are chosen
+# bits (STAGES does not change the sums). Until a GPU times them (tools/gpu_check.py --part=configs), they are chosen
 # from the compile table (docs/kernel.md): the fewest warp instructions issued per source row among the configs
 # that keep at least about 29 KB of loads in flight per SM, which Little's law asks of an H200 (4.8 TB/s over
 # 132 SMs at about 800 ns of memory latency).
@@ -419,7 +419,7 @@ def _modulation(shift, scale, fallback):
 
 def forward_call(sources, q, gamma, shift, scale, store_h, save):
     """The forward's launch, with its table and outputs built once: returns (launch, key, outputs). launch(config)
-    runs the kernel into outputs = (x, h, h32, lse) and does nothing else (gpu_check.py times it alone); key is
+    runs the kernel into outputs = (x, h, h32, lse) and does nothing else (tools/gpu_check.py times it alone); key is
     the shape class a config is chosen for. h is in the sources' type when store_h and the LayerNorm is fused,
     h32 (B, T, d) and lse (B, T) in fp32 are what the backward reads, when save; else empty tensors."""
     B, T, D, q_mode = _check(sources, q, gamma, shift, scale)
@@ -514,7 +514,7 @@ def launch_backward(sources, dsources, accumulate, q, gamma, shift, scale, h32, 
 
 def traffic(op, args, sms):
     """[(bytes read + written, launches)] of one call of dar::aggregate or dar::aggregate_backward as their loops
-    run on a GPU with `sms` SMs (traffic.py counts training steps with it): the kernel, then (backward) the sums of its
+    run on a GPU with `sms` SMs (tools/traffic.py counts training steps with it): the kernel, then (backward) the sums of its
     partials. args are the op's arguments; only their shapes and dtypes are read."""
     nbytes = lambda t: t.numel() * t.element_size() if t is not None else 0
     if op == "aggregate":

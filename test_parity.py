@@ -437,7 +437,7 @@ def test_model_on_kernel_under_bf16_autocast_matches_reference():
 
 
 # The interpreter accepts code that Triton's compiler rejects, so on a CPU the kernels are also compiled, without
-# launching, for an H100 (sm_90) down to a cubin, by sm90.py: every config they may run at SiT-XL/2's working
+# launching, for an H100 (sm_90) down to a cubin, by tools/sm90.py: every config they may run at SiT-XL/2's working
 # point, and the other flag combinations with the pinned configs. sm90.py leans on Triton internals, so a Triton
 # whose internals moved skips the test (exit code 3) rather than failing, while a kernel that does not compile
 # fails it. With -s the test prints sm90.py's table (registers, spills, instructions per source, ...).

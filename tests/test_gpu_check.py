@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+from tools import gpu_check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(ROOT, "tools", "gpu_check.py")
 
 
-def gpu_check(tmp_path, *flags, timeout=400):
+def run_check(tmp_path, *flags, timeout=400):
     out = tmp_path / "out"  # as $OUT on a lent machine: the one folder that comes back
     run = subprocess.run([sys.executable, CHECK, "--smoke", f"--workdir={tmp_path / 'work'}", *flags],
                          capture_output=True, text=True, cwd=ROOT, timeout=timeout, env={**os.environ, "OUT": str(out)})
@@ -36,8 +38,17 @@ def test_the_plan_fits_a_third_of_a_lent_machine():
     assert 0 < float(run.stdout.splitlines()[-1].split()[1]) <= 360
 
 
+def test_every_parity_test_the_gpu_run_names_exists():
+    """The GPU run names its parity tests one by one (to run the hardware-sensitive ones first): a renamed test
+    must not silently drop out of it."""
+    ids = [f"test_parity.py::{t}" for t in gpu_check.PARITY]
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_gpu_check_smoke_runs_every_part_into_out(tmp_path):
-    run, report = gpu_check(tmp_path)
+    run, report = run_check(tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     for part in ("parity", "kernel", "step", "configs", "throughput", "exact"):
         assert f"## {part}: ok" in report, report
@@ -53,7 +64,7 @@ def test_gpu_check_smoke_runs_every_part_into_out(tmp_path):
 def test_parts_stopped_at_their_limits_still_leave_a_report_and_no_process(tmp_path):
     """With every limit cut to a second or two, each part is stopped (or done) and reported with its output so
     far; the exact part's training run, a grandchild, is killed with it."""
-    run, report = gpu_check(tmp_path, "--limit-scale=0.01", timeout=120)
+    run, report = run_check(tmp_path, "--limit-scale=0.01", timeout=120)
     assert run.returncode == 1, run.stdout + run.stderr
     for part in ("parity", "kernel", "step", "configs", "throughput", "exact"):
         section = report.split(f"## {part}: ")[1].split("\n## ")[0]
