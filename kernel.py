@@ -53,12 +53,14 @@ CONFIGS = {"fwd": [triton.Config({"U": u, "STAGES": s}, num_warps=w)
                    for u, w in ((1, 4), (1, 16), (2, 8), (4, 8)) for s in (1, 3)]}
 # The config that runs unless DAR_AUTOTUNE=1. U and the warps set the order of the fp32 sums, so a config chosen
 # by timing (which varies from run to run) would make two runs, or a run and its resumption, differ in the last
-# bits (STAGES does not change the sums). Until a GPU times them (tools/gpu_check.py --part=configs), they are chosen
-# from the compile table (docs/kernel.md): the fewest warp instructions issued per source row among the configs
-# that keep at least about 29 KB of loads in flight per SM, which Little's law asks of an H200 (4.8 TB/s over
-# 132 SMs at about 800 ns of memory latency).
-PINNED = {"fwd": triton.Config({"U": 4, "STAGES": 1}, num_warps=4),
-          "bwd": triton.Config({"U": 4, "STAGES": 3}, num_warps=8)}
+# bits (STAGES does not change the sums). Until a GPU times them (tools/gpu_check.py --part=configs), they are
+# chosen from the compile table (tools/sm90.py, docs/kernel.md) for the default chunk 4, whose aggregations read
+# N = 5 to 9 sources: the fewest warp instructions per real source at N = 5 and 9 (a loop step of U sources
+# runs whole, so U = 4 pays for 12 at N = 9) among the configs that keep about 29 KB of loads in flight per SM,
+# as Little's law asks of an H200 (4.8 TB/s over 132 SMs at about 800 ns; 27 KB is let pass), and for the
+# backward two programs per SM, which its split of rows over programs (_rows_per_program) assumes.
+PINNED = {"fwd": triton.Config({"U": 2, "STAGES": 1}, num_warps=4),
+          "bwd": triton.Config({"U": 1, "STAGES": 3}, num_warps=4)}
 AUTOTUNE = os.environ.get("DAR_AUTOTUNE") == "1"
 _TUNED = {}  # with DAR_AUTOTUNE=1: (kernel, shape class) -> the config timed fastest, for this process
 

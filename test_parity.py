@@ -454,6 +454,10 @@ def test_kernels_compile_for_hopper_without_spills():
     assert all(float(r[-1].rstrip("% |")) <= 12 for r in rows), run.stdout  # masked lanes
     assert len([line for line in run.stdout.splitlines() if line.startswith("d=")]) == 4
     assert "spills: []" in run.stdout, run.stdout  # every config the kernels may run keeps its registers
+    head = [c.strip() for c in run.stdout.splitlines()[1].strip("|").split("|")]
+    pinned = {r[1]: dict(zip(head, [c.strip() for c in r])) for r in rows if r[head.index("pinned")].strip() == "yes"}
+    assert pinned.keys() == {"fwd", "bwd"}, run.stdout
+    assert int(pinned["bwd"]["programs / SM"]) >= 2, run.stdout  # as _rows_per_program assumes
     print(run.stdout)
 
 

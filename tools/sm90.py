@@ -134,21 +134,29 @@ def measure(kind, config, D):
     programs = programs_per_sm(registers, compiled.metadata.shared, config.num_warps)
     # A step's loads: U source rows (the backward also reads U gradient rows), `stages` steps ahead.
     row_bytes = D * torch.empty(0, dtype=dtype).element_size() * (1 if kind == "fwd" else 2)
+    issued = len(loop) / U * config.num_warps
+    pin = kernel.PINNED[kind]
     return dict(kind=kind, U=U, warps=config.num_warps, stages=stages, registers=registers, stack=stack,
                 programs=programs, in_flight=programs * U * stages * row_bytes / 1024, per_source=len(loop) / U,
-                issued=len(loop) / U * config.num_warps,
+                issued=issued, at_n=[issued * -(-n // U) * U / n for n in AT_N],
+                pinned=(config.kwargs, config.num_warps) == (pin.kwargs, pin.num_warps),
                 ldgsts=sum(opcode(op).split(".")[0] == "LDGSTS" for op in loop) / U,
                 masked=masked_share(kernel._meta([torch.empty(1, 1, D, dtype=dtype)])))
 
 
+# A loop step of U sources runs whole, padding included: per real source, N sources cost ceil(N / U) U / N of
+# the instructions per source row. N = 5 and 9: chunk 4's mean at SiT-B/2 and XL/2; 57: dense at XL/2.
+AT_N = (5, 9, 57)
 HEADER = ["| d | kernel | U | warps | stages | registers | spill bytes | programs / SM | KB in flight / SM "
-          "| SASS / source | warp instructions / source row | LDGSTS / source | masked lanes |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| SASS / source | warp instructions / source row | " + " | ".join(f"at N = {n}" for n in AT_N) +
+          " | LDGSTS / source | pinned | masked lanes |",
+          "|---" * 17 + "|"]
 
 
 def row(D, m):
     return (f"| {D} | {m['kind']} | {m['U']} | {m['warps']} | {m['stages']} | {m['registers']} | {m['stack']} | "
-            f"{m['programs']} | {m['in_flight']:.0f} | {m['per_source']:.0f} | {m['issued']:.0f} | {m['ldgsts']:.1f} "
+            f"{m['programs']} | {m['in_flight']:.0f} | {m['per_source']:.0f} | {m['issued']:.0f} | "
+            + " | ".join(f"{x:.0f}" for x in m["at_n"]) + f" | {m['ldgsts']:.1f} | {'yes' if m['pinned'] else ''} "
             f"| {m['masked']:.0%} |")
 
 
