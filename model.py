@@ -263,6 +263,8 @@ class SiT(nn.Module):
         c = e + self.y_embedder(y)  # (B, d)
         depth = self.config.depth
         need_z = set(range(1, depth + 1) if states_at is None else states_at) if return_states else set()
+        if not need_z <= set(range(1, depth + 1)):
+            raise ValueError(f"states_at names blocks 1..{depth}, got {sorted(need_z)}")
         extras = {"z": [None] * depth, "alpha": []}
         if self.config.routing == "residual":
             h = v0

@@ -223,6 +223,20 @@ def test_dar_forward_equals_independent_loop(routing, chunk):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("routing", ["residual", "dynamic"])
+def test_states_at_keeps_only_the_blocks_it_names(routing):
+    """REPA asks for one z_k: states_at returns it (the same tensor values as all states give) and None for the
+    others; a block outside 1..depth is an error, not z of another block."""
+    model = perturb(tiny(routing, chunk=2)).double().eval()
+    x, t, y = batch(model, dtype=torch.float64)
+    _, every = model(x, t, y, return_states=True)
+    _, some = model(x, t, y, return_states=True, states_at=(2,))
+    assert [z is None for z in some["z"]] == [True, False, True]
+    torch.testing.assert_close(some["z"][1], every["z"][1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="states_at names blocks 1..3"):
+        model(x, t, y, return_states=True, states_at=(0,))
+
+
 @pytest.mark.parametrize("routing", DAR_ROUTINGS)
 def test_reuse_final_aggregation_equals_independent_loop(routing):
     model = perturb(tiny(routing, chunk=4, depth=3, final_agg="reuse")).double().eval()
