@@ -232,8 +232,7 @@ def step_part(smoke, workdir):
 
     tiny = ["--depth=2", "--hidden-size=32", "--num-heads=2", "--image-size=64", "--bench-steps=1"]
     models = {"SiT-XL/2": ["--model=SiT-S/2", *tiny] if smoke else ["--model=SiT-XL/2", "--bench-steps=10"],
-              "SiT-B/2": ["--model=SiT-S/2", *tiny[1:], "--depth=3"] if smoke else ["--model=SiT-B/2",
-                                                                                       "--bench-steps=10"]}
+              "SiT-B/2": ["--model=SiT-S/2", *tiny] if smoke else ["--model=SiT-B/2", "--bench-steps=10"]}
     batch = "--global-batch-size=2" if smoke else "--global-batch-size=32"
     routings = [("residual", 4), ("static", 4), ("dynamic", 4), ("static", 1)][:2 if smoke else 4]
 
