@@ -1,60 +1,90 @@
-"""study.py at a tiny size: it trains each run, continues a stopped one where it stopped, aggregates seeds and
-writes its report, without retraining what is done."""
+"""tools/study.py: at a tiny size it trains each run, continues a stopped one where it stopped and reports without
+retraining what is done; its statistics (paired bootstrap, steps to reach a loss, the chunk optimum) on data
+whose answer is known."""
 import json
 import os
 import shutil
 
 import numpy as np
+import pytest
 
 from tools import study
 
 
-def test_study_resumes_run_by_run_and_reports_mean_and_spread_over_seeds(tmp_path):
+def test_study_resumes_run_by_run_and_reports_paired_tables(tmp_path):
     out = str(tmp_path / "study")
     messages = []
-    assert study.train(out, tiny=True, log=messages.append, jobs=2) == 2 * len(study.runs(True))
+    jobs = [(run, seed) for run in study.plan(True) for seed in run.seeds]
+    assert study.train(out, tiny=True, log=messages.append, jobs=2) == len(jobs)
+    assert all(m.startswith("main") for m in messages[:6])
     # Stop one run part-way (its last checkpoint gone, as if killed after step 2) and remove another entirely.
-    _, seeds, steps = study.recipe(True)
-    part = study.run_dir(out, 4, "static c4", 1)
-    os.remove(os.path.join(part, "checkpoints", f"{steps:07d}.pt"))
-    gone = study.run_dir(out, 2, "static S=1", 0)
-    shutil.rmtree(gone)
-    before = {p: os.path.getmtime(p) for p in [os.path.join(study.run_dir(out, 4, "residual", 0), "log.jsonl")]}
+    main = {run.name: run for run in study.plan(True) if run.part == "main"}
+    part = study.run_dir(out, main["static c4"], 1)
+    os.remove(study.last_checkpoint(part, main["static c4"].steps))
+    sweep = next(run for run in study.plan(True) if run.part == "sweep")
+    shutil.rmtree(study.run_dir(out, sweep, 0))
+    residual_log = os.path.join(study.run_dir(out, main["residual"], 0), "log.jsonl")
+    before = os.path.getmtime(residual_log)
     assert study.train(out, tiny=True, log=messages.append) == 2  # only those two
-    assert all(os.path.getmtime(p) == t for p, t in before.items())
-    resumed = [json.loads(line) for line in open(os.path.join(part, "log.jsonl"))]
-    assert any("resumed" in r for r in resumed)
-    study.evaluate(out, tiny=True, log=messages.append)
-    text = study.report(out, tiny=True)
-    table = study.losses(out, tiny=True)
-    values = table[(4, "residual")][steps]
-    assert len(values) == len(seeds)
-    assert "| residual | " in text and study.mean_std(table[(4, "residual")][2]) in text
-    assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in text
-    assert os.path.exists(os.path.join(out, "chunk_sweep.png")) and "![loss against S](chunk_sweep.png)" in text
-    assert "| 4 (L = 8) | " in text and "| 2 (L = 4) | " in text  # the sweep's row per depth
-    assert "Training time of the finished runs, summed: " in text
-    assert os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")) and "## Diagnostics at 4 blocks" in text
-    for seed, (ours, theirs) in enumerate([(0.5, 0.3), (0.6, 0.35)]):  # what toy_accuracy.py writes, made up
-        for name, value in (("static c4", ours), ("residual", theirs)):
-            with open(os.path.join(study.run_dir(out, 4, name, seed), "toy_accuracy.txt"), "w") as f:
-                f.write(f"classifier epoch 1/4: held-out accuracy 1.0\nclass accuracy of x.pt: {value}\n")
+    assert os.path.getmtime(residual_log) == before
+    assert any("resumed" in json.loads(line) for line in open(os.path.join(part, "log.jsonl")))
     study.main(["--out", out, "--tiny", "--report-only", "--publish", str(tmp_path / "published")])
     text = (tmp_path / "published" / "REPORT.md").read_text()
-    assert "| residual | 0.3250 ± 0.0354 | - |" in text and "| static c4 | 0.5500 ± 0.0707 | 0.0" in text
-    published = tmp_path / "published"
-    assert (published / "REPORT.md").read_text() == (tmp_path / "study" / "REPORT.md").read_text()
-    assert (published / "chunk_sweep.png").exists() and list((published / "diagnose").glob("*.png"))
+    assert text == (tmp_path / "study" / "REPORT.md").read_text()
+    steps, curves = study.curves(out, main["residual"])
+    assert steps[-1] == main["residual"].steps and sorted(curves) == [0, 1]
+    assert "| residual | 2 | " in text and "| static dense | 2 | " in text and "| 2 (L = 4) | " in text
+    for figure in ("curves_eval_loss_ema.png", "curves_eval_loss.png", "chunk_sweep.png"):
+        assert (tmp_path / "published" / figure).exists() and f"]({figure})" in text
+
+
+def test_paired_bootstrap_of_a_known_difference():
+    # Five seeds whose runs differ by 0.01 plus a small per-seed noise, on top of a large seed effect that the
+    # pairing removes: the interval is narrow around 0.01; unpaired (rows shuffled) it is not.
+    rng = np.random.default_rng(0)
+    seed_effect = rng.normal(0, 0.05, 5)
+    noise = np.array([-0.002, -0.001, 0.0, 0.001, 0.002])
+    pair = {"residual": 0.2 + seed_effect, "variant": 0.21 + seed_effect + noise}
+    value, low, high, share = study.paired_bootstrap(study.mean_difference, pair, draws=4000)
+    assert abs(value - 0.01) < 1e-12 and share == 1.0
+    assert 0.0085 < low < 0.01 < high < 0.0115
+    shuffled = {"residual": pair["residual"], "variant": pair["variant"][::-1].copy()}
+    _, low, high, _ = study.paired_bootstrap(study.mean_difference, shuffled, draws=4000)
+    assert high - low > 0.03
+    # A statistic that is undefined in some draws reports the share where it is defined: here where two or three
+    # of three draws from (0, 1, 1) are ones, 20/27 of them.
+    some = study.paired_bootstrap(lambda s: 1.0 if s["x"].sum() > 1 else None, {"x": np.array([0.0, 1.0, 1.0])})
+    assert some[0] == 1.0 and abs(some[3] - 20 / 27) < 0.02 and some[1] == some[2] == 1.0
+
+
+def test_steps_to_reach_interpolates_the_crossing_and_speed_up_is_their_ratio():
+    steps = [250, 500, 750, 1000]
+    assert study.steps_to_reach(steps, np.array([0.5, 0.4, 0.3, 0.2]), 0.35) == pytest.approx(625.0)
+    assert study.steps_to_reach(steps, np.array([0.5, 0.4, 0.3, 0.2]), 0.6) == 250.0
+    assert study.steps_to_reach(steps, np.array([0.5, 0.4, 0.3, 0.2]), 0.1) is None
+    np.testing.assert_allclose(study.smooth(np.array([4.0, 2.0, 6.0, 0.0]), 2), [4.0, 3.0, 4.0, 3.0])
+    # A variant whose curve is the residual's at twice the step count reaches its final loss in half the steps.
+    steps = list(range(250, 10_001, 250))
+    base = np.array([1.0 / s for s in steps])
+    fast = np.array([1.0 / (2 * s) for s in steps])
+    ratio = study.speed_up(steps, window=1)({"residual": base[None], "variant": fast[None]})
+    assert abs(ratio - 2.0) < 0.01
+    assert study.speed_up(steps, window=1)({"residual": fast[None], "variant": base[None]}) is None
 
 
 def test_chunk_optimum_finds_the_bottom_of_a_u_and_none_in_a_slope():
     rng = np.random.default_rng(0)
-    sizes = (1, 2, 4, 8, 14)
-    u = {s: list(0.2 + 0.01 * (np.log(s) - np.log(5.0)) ** 2 + 1e-4 * rng.standard_normal(3)) for s in sizes}
+    u = {s: list(0.2 + 0.01 * (np.log(s) - np.log(4.0)) ** 2 + 1e-4 * rng.standard_normal(3)) for s in study.SWEEP}
     fitted, low, high, share = study.optimum(u)
-    assert abs(fitted - 5.0) < 0.1 and low <= fitted <= high and high - low < 0.5 and share > 0.95
-    slope = {s: list(0.2 + 0.01 * np.log(s) + 1e-4 * rng.standard_normal(3)) for s in sizes}
+    assert abs(fitted - 4.0) < 0.1 and low <= fitted <= high and high - low < 0.5 and share > 0.95
+    slope = {s: list(0.2 + 0.01 * np.log(s) + 1e-4 * rng.standard_normal(3)) for s in study.SWEEP}
     assert study.optimum(slope)[::3] == (None, 0.0)
+
+
+def test_predicted_optimum_is_eq_9_at_both_ends_of_alpha():
+    low, high = study.predicted(56)
+    assert abs(low - 3.14) < 0.01 and abs(high - 4.90) < 0.01  # not the paper's printed [3.7, 4.9]
+    assert abs(study.predicted(224)[0] / low - 2.0) < 1e-12  # sqrt(L): four times the depth, twice the S*
 
 
 def test_run_seconds_sums_each_log_line_over_its_rate_across_a_resume(tmp_path):

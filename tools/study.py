@@ -1,25 +1,29 @@
 """
-The paper's claims at its own depth, on the CPU: narrow SiTs of 28 blocks (SiT-XL/2's depth, L = 56 sublayers)
-trained on the toy shapes with one recipe, differing only in routing, three seeds each:
+Does DAR converge faster? The paper's convergence claims (8.75x fewer steps to residual SiT's final quality,
+a better final quality, the chunk size's U shape and its sqrt(L) law) tested at toy scale on the CPU: narrow
+SiTs trained on the toy shapes with one recipe, differing only in routing.
 
-    python tools/study.py --jobs=2        every run, then the report (about 3 hours on 2 cores; resumable)
-    python tools/study.py --report-only   the report from the runs finished so far
-    python tools/study.py --report-only --publish=docs/study28    and a copy of it and its figures under docs/
+    python tools/study.py --jobs=2          every run not yet finished, then the report (about 5 h on 2 cores)
+    python tools/study.py --report-only     the report from the runs finished so far
+    python tools/study.py --report-only --publish=docs/study    and a copy of it and its figures under docs/
 
-Runs (all static routing unless named): at 28 blocks residual, static / explicit / dynamic c4, and static with
-chunk S in {1, 2, 4, 8, 14}; at 8 blocks (L = 16) the same S sweep. The paper's chunk analysis (section 5.5,
-Eq. 9) predicts a U-shaped cost in S with its optimum growing as sqrt(L): S* in [3.7, 4.9] at L = 56, and
-sqrt(16 / 56) of that, [2.0, 2.6], at L = 16.
+Two parts, one recipe (RECIPE):
+- main: 8 blocks (L = 16), 10,000 steps, seeds 0-4: residual; residual widened to 52 (426K parameters, the
+  nearest width at or above dynamic c4's 405K: the paper's SiT-Plus control); static, explicit and dynamic c4;
+  static dense (S = 1); static c4 with the final aggregator reused (Appendix C.3's REPA design).
+- sweep: static DAR with S in {1, 2, 3, 4, 5, 6, 8} at 4, 8 and 16 blocks, seeds 0-2, 4,000 steps. At 8
+  blocks, S = 1 and S = 4 are the main part's runs read at step 4,000: every draw of a run is a function of
+  (seed, step) and the learning rate is constant, so a longer run passes through the shorter one's states.
+Every run logs the held-out loss of its raw and of its EMA weights every 250 steps and keeps a checkpoint
+every 2,500 (from which the routing's distance from uniform is read).
 
-Resumable run by run: each run lives in OUT/<depth>/<name>-s<seed>; one that holds its last checkpoint is done
-and skipped, one that was stopped part-way continues from its latest checkpoint (train.py --resume=latest,
+Resumable run by run: each run lives in OUT/depth<D>/<name>-s<seed>; one that holds its last checkpoint is
+done and skipped, one stopped part-way continues from its latest checkpoint (train.py --resume=latest,
 bit-exact), one never started starts. So a stopped study continues where it stopped, across sessions.
 
-The report (OUT/REPORT.md; --publish=DIR copies it and its figures there) gives the held-out velocity
-loss of the EMA weights at fixed steps, mean and standard deviation over seeds, with Welch's t-test of each
-DAR variant against residual routing; the toy accuracy of EMA samples (toy_accuracy.py); the S sweep as a plot
-of loss against S for both depths with the predicted optima marked; and diagnose.py's measures for residual
-vs DAR at 28 blocks. It states numbers only: the verdict per claim is written from them, in docs/study.md.
+The statistics are paired: runs of one seed share data order, t, noise and label drops, so each DAR run is
+compared with the residual run of its seed, and intervals come from resampling seeds (the same draw for
+every variant). It states numbers only: the verdict per claim is written from them, in docs/study.md.
 """
 import argparse
 import concurrent.futures
@@ -30,41 +34,68 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
-from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the scripts are
 sys.path.insert(0, ROOT)
 
 from cli import HelpFormatter  # noqa: E402
-SWEEP = (1, 2, 4, 8, 14)
-PREDICTED = {28: (3.7, 4.9), 8: (3.7 * (16 / 56) ** 0.5, 4.9 * (16 / 56) ** 0.5)}  # Eq. (9): S* grows as sqrt(L)
+
+RECIPE = ["--data=shapes", "--image-size=16", "--model=SiT-S/4", "--hidden-size=48", "--num-heads=4",
+          "--global-batch-size=32", "--lr=3e-3", "--ema-decay=0.998", "--log-every=250", "--eval-every=250",
+          "--eval-samples=256", "--sample-every=0", "--ckpt-every=2500", "--precision=fp32"]
+TINY = ["--data=shapes", "--image-size=8", "--model=SiT-S/4", "--hidden-size=16", "--num-heads=2",
+        "--global-batch-size=4", "--lr=3e-3", "--ema-decay=0.9", "--log-every=2", "--eval-every=2",
+        "--eval-samples=8", "--sample-every=0", "--ckpt-every=2", "--precision=fp32"]
+SWEEP = (1, 2, 3, 4, 5, 6, 8)
+ALPHAS = (0.7, 0.4)  # the paper's "realistic range" of alpha in Eq. (8), the ends of S*'s range in that order
 
 
-def recipe(tiny):
-    """(train.py flags shared by every run, seeds, steps): the study's one recipe, or a seconds-long one."""
+def predicted(L):
+    """Eq. (9)'s optimum S* = sqrt(L (1 - alpha) / (1 + alpha)) at both ends of alpha's range: [3.14, 4.90] at
+    L = 56 (the paper prints [3.7, 4.9], a slip), growing as sqrt(L)."""
+    return tuple((L * (1 - a) / (1 + a)) ** 0.5 for a in ALPHAS)
+
+Run = namedtuple("Run", "part depth name flags seeds steps")
+
+
+def plan(tiny=False):
+    """[Run]: every run of the study in the order it is trained (the main part first, so that an unfinished
+    study already answers the headline). tiny: a seconds-long study of the same shape for the tests."""
     if tiny:
-        return (["--data=shapes", "--image-size=8", "--model=SiT-S/4", "--hidden-size=16", "--num-heads=2",
-                 "--global-batch-size=4", "--lr=3e-3", "--ema-decay=0.9", "--log-every=2", "--eval-every=2",
-                 "--eval-samples=8", "--sample-every=0", "--ckpt-every=2", "--precision=fp32"], (0, 1), 4)
-    return (["--data=shapes", "--image-size=16", "--model=SiT-S/4", "--hidden-size=64", "--num-heads=4",
-             "--global-batch-size=32", "--lr=3e-3", "--ema-decay=0.998", "--log-every=250", "--eval-every=500",
-             "--eval-samples=256", "--sample-every=0", "--ckpt-every=500", "--precision=fp32"], (0, 1, 2), 1500)
+        depth, seeds, steps, sweep_depths, sweep_seeds, sweep_steps, sizes = 2, (0, 1), 4, (2, 3), (0, 1), 2, (1, 4)
+        variants = [("residual", ["--routing=residual"]), ("static c4", ["--routing=static", "--chunk=4"]),
+                    ("static dense", ["--routing=static", "--chunk=1"])]
+    else:
+        depth, seeds, steps, sweep_depths, sweep_seeds, sweep_steps, sizes = 8, range(5), 10_000, (4, 8, 16), \
+            range(3), 4_000, SWEEP
+        variants = [("residual", ["--routing=residual"]), ("residual wide", ["--routing=residual", "--hidden-size=52"]),
+                    ("static c4", ["--routing=static", "--chunk=4"]),
+                    ("explicit c4", ["--routing=explicit", "--chunk=4"]),
+                    ("dynamic c4", ["--routing=dynamic", "--chunk=4"]),
+                    ("static dense", ["--routing=static", "--chunk=1"]),
+                    ("static c4 reuse", ["--routing=static", "--chunk=4", "--final-agg=reuse"])]
+    runs = [Run("main", depth, name, flags, tuple(seeds), steps) for name, flags in variants]
+    for d in sweep_depths:
+        runs += [Run("sweep", d, f"static S={s}", ["--routing=static", f"--chunk={s}"], tuple(sweep_seeds),
+                     sweep_steps) for s in sizes if not (d == depth and s in (1, 4))]  # those are main runs
+    return runs
 
 
-def runs(tiny):
-    """[(depth, name, routing, chunk)]: every configuration of the study (tiny: depths 4 and 2, S = 1 and 4)."""
-    deep, shallow, sweep = (4, 2, (1, 4)) if tiny else (28, 8, SWEEP)
-    variants = ("static",) if tiny else ("static", "explicit", "dynamic")
-    out = [(deep, "residual", "residual", 4)] + [(deep, f"{r} c4", r, 4) for r in variants]
-    out += [(deep, f"static S={s}", "static", s) for s in sweep if s != 4]
-    out += [(shallow, f"static S={s}", "static", s) for s in sweep]
-    return out
+def sweep_runs(tiny, depth):
+    """{S: Run} of static DAR at this depth, the main part's dense and c4 runs included where they serve."""
+    out = {}
+    for run in plan(tiny):
+        chunk = next((int(f.split("=")[1]) for f in run.flags if f.startswith("--chunk=")), None)
+        if run.depth == depth and "--routing=static" in run.flags and "--final-agg=reuse" not in run.flags:
+            out[chunk] = run
+    return dict(sorted(out.items()))
 
 
-def run_dir(out, depth, name, seed):
-    return os.path.join(out, f"depth{depth}", f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
+def run_dir(out, run, seed):
+    return os.path.join(out, f"depth{run.depth}", f"{run.name.replace(' ', '_').replace('=', '')}-s{seed}")
 
 
 def last_checkpoint(path, steps):
@@ -80,25 +111,24 @@ def train(out, tiny, log=print, jobs=1):
     """Every run not yet finished, `jobs` at a time (each with its share of the CPU's threads: these narrow
     models run faster as two one-thread processes than as one two-thread one); returns how many were trained
     (or continued) now."""
-    common, seeds, steps = recipe(tiny)
+    common = TINY if tiny else RECIPE
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    pending = [(depth, name, routing, chunk, seed) for depth, name, routing, chunk in runs(tiny) for seed in seeds
-               if not finished(run_dir(out, depth, name, seed), steps)]
+    pending = sorted(((run, seed) for run in plan(tiny) for seed in run.seeds  # main first, seed by seed
+                      if not finished(run_dir(out, run, seed), run.steps)), key=lambda j: (j[0].part != "main", j[1]))
 
-    def one(depth, name, routing, chunk, seed):
-        path = run_dir(out, depth, name, seed)
+    def one(run, seed):
+        path = run_dir(out, run, seed)
         resume = ["--resume=latest"] if glob.glob(os.path.join(path, "checkpoints", "*.pt")) else []
         if not resume and os.path.isdir(path):
             shutil.rmtree(path)  # a run stopped before its first checkpoint: start it again
         start = time.time()
-        subprocess.run([sys.executable, "train.py", *common, f"--depth={depth}", f"--routing={routing}",
-                        f"--chunk={chunk}", f"--seed={seed}", f"--max-steps={steps}", f"--results-dir={path}",
-                        *resume], cwd=ROOT, check=True, capture_output=True,
-                       env={**os.environ, "OMP_NUM_THREADS": threads})
-        log(f"depth {depth} {name} seed {seed}: {time.time() - start:.0f} s")
+        subprocess.run([sys.executable, "train.py", *common, f"--depth={run.depth}", *run.flags, f"--seed={seed}",
+                        f"--max-steps={run.steps}", f"--results-dir={path}", *resume], cwd=ROOT, check=True,
+                       capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+        log(f"{run.part} depth {run.depth} {run.name} seed {seed}: {time.time() - start:.0f} s")
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(one, *run) for run in pending]
+        futures = [pool.submit(one, *job) for job in pending]
         try:
             for done in concurrent.futures.as_completed(futures):
                 done.result()
@@ -108,40 +138,78 @@ def train(out, tiny, log=print, jobs=1):
     return len(pending)
 
 
-def losses(out, tiny):
-    """{(depth, name): {step: [EMA held-out loss per seed]}} of the finished runs."""
-    _, seeds, steps = recipe(tiny)
-    table = {}
-    for depth, name, _, _ in runs(tiny):
-        for seed in seeds:
-            path = run_dir(out, depth, name, seed)
-            if not finished(path, steps):
-                continue
-            with open(os.path.join(path, "log.jsonl")) as f:
-                for record in map(json.loads, f):
-                    if "eval_loss_ema" in record:
-                        table.setdefault((depth, name), {}).setdefault(record["step"], []).append(record["eval_loss_ema"])
-    return table
+def curves(out, run, key="eval_loss_ema", upto=None):
+    """(steps, {seed: losses at those steps}) of the run's seeds whose logs reach `upto` (default: its last
+    step), each cut at `upto`; key: "eval_loss_ema" or "eval_loss" (the raw weights)."""
+    upto = upto or run.steps
+    by_seed = {}
+    for seed in run.seeds:
+        path = os.path.join(run_dir(out, run, seed), "log.jsonl")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            points = {r["step"]: r[key] for r in map(json.loads, f) if key in r and r["step"] <= upto}
+        if upto in points:
+            by_seed[seed] = points
+    if not by_seed:
+        return [], {}
+    steps = sorted(set.intersection(*(set(p) for p in by_seed.values())))
+    return steps, {seed: np.array([p[s] for s in steps]) for seed, p in by_seed.items()}
 
 
-def run_seconds(path):
-    """One run's training time from its log: each log line's steps over its steps/s, which covers every step and
-    the evaluations and checkpoints between log lines, but not a process's start-up or what it did after its
-    last log line."""
-    total, last = 0.0, 0
-    with open(os.path.join(path, "log.jsonl")) as f:
-        for record in map(json.loads, f):
-            if "resumed" in record:
-                last = record["step"]
-            elif "steps_per_s" in record:
-                total, last = total + (record["step"] - last) / record["steps_per_s"], record["step"]
-    return total
+def smooth(curve, window):
+    """The running mean over the last `window` points (fewer at the start): single evaluations are noisy."""
+    c = np.cumsum(np.concatenate([[0.0], curve]))
+    i = np.arange(1, len(curve) + 1)
+    return (c[i] - c[np.maximum(i - window, 0)]) / np.minimum(i, window)
 
 
-def chunk_sweep(table, depth, tiny):
-    """{S: [EMA held-out loss per seed at the last step]} of static DAR at this depth (its c4 run is S = 4)."""
-    chunks = {(d, name): chunk for d, name, routing, chunk in runs(tiny) if d == depth and routing == "static"}
-    return {chunks[key]: table[key][max(table[key])] for key in sorted(chunks, key=chunks.get) if key in table}
+def steps_to_reach(steps, curve, target):
+    """The first step at which `curve` (sampled at `steps`) is at or below `target`, linearly interpolated
+    between the evaluations around the crossing; None if it never is."""
+    below = np.nonzero(np.asarray(curve) <= target)[0]
+    if not len(below):
+        return None
+    i = below[0]
+    if i == 0:
+        return float(steps[0])
+    (s0, s1), (c0, c1) = steps[i - 1:i + 1], curve[i - 1:i + 1]
+    return float(s0 + (s1 - s0) * (c0 - target) / (c0 - c1))
+
+
+def paired_bootstrap(statistic, samples, draws=10_000, seed=0, level=0.95):
+    """statistic(resampled) over bootstrap resamples of the seeds, paired: samples maps a name to an array
+    (seeds, ...) whose rows are the same seeds in the same order for every name, and each draw takes the same
+    rows from all of them. Returns (value on the samples, low, high, share of draws where the statistic is
+    defined); low/high: the percentile interval at `level` of the defined draws (None when none is)."""
+    n = len(next(iter(samples.values())))
+    rng = np.random.default_rng(seed)
+    value = statistic(samples)
+    drawn = []
+    for _ in range(draws):
+        rows = rng.integers(n, size=n)
+        drawn.append(statistic({name: a[rows] for name, a in samples.items()}))
+    defined = [v for v in drawn if v is not None]
+    if not defined:
+        return value, None, None, 0.0
+    low, high = np.percentile(defined, [50 * (1 - level), 50 * (1 + level)])
+    return value, float(low), float(high), len(defined) / draws
+
+
+def speed_up(steps, window):
+    """The headline statistic on {"residual": (seeds, points), "variant": ...}: residual's steps to reach its
+    own final smoothed loss over the variant's steps to reach it, on the seed-mean curves; None if the
+    variant never reaches it."""
+    def statistic(samples):
+        base, other = (smooth(samples[k].mean(0), window) for k in ("residual", "variant"))
+        theirs = steps_to_reach(steps, other, base[-1])
+        return steps_to_reach(steps, base, base[-1]) / theirs if theirs else None
+    return statistic
+
+
+def mean_difference(samples):
+    """The seed-mean of variant - residual at one step (samples: {"residual": (seeds,), "variant": (seeds,)})."""
+    return float(np.mean(samples["variant"] - samples["residual"]))
 
 
 def optimum(sweep, draws=2000, seed=0):
@@ -165,158 +233,128 @@ def optimum(sweep, draws=2000, seed=0):
     return fitted, low, high, len(inside) / draws
 
 
-def welch(values, against):
-    """Welch's t-test p of two samples as the report prints it; "-" when either has fewer than two values."""
-    if len(values or []) < 2 or len(against or []) < 2:
-        return "-"
-    return f"{stats.ttest_ind(values, against, equal_var=False).pvalue:.3f}"
+def run_seconds(path):
+    """One run's training time from its log: each log line's steps over its steps/s, which covers every step and
+    the evaluations and checkpoints between log lines, but not a process's start-up or what it did after its
+    last log line."""
+    total, last = 0.0, 0
+    with open(os.path.join(path, "log.jsonl")) as f:
+        for record in map(json.loads, f):
+            if "resumed" in record:
+                last = record["step"]
+            elif "steps_per_s" in record:
+                total, last = total + (record["step"] - last) / record["steps_per_s"], record["step"]
+    return total
 
 
-def flag(flags, name):
-    return next(f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}="))
+def interval(value, low, high, share, fmt="{:.2f}"):
+    if value is None:
+        return "not reached"
+    text = fmt.format(value) + (f" [{fmt.format(low)}, {fmt.format(high)}]" if low is not None else "")
+    return text + (f" ({share:.0%} of draws reach it)" if share < 1 else "")
 
 
-def evaluate(out, tiny, log=print):
-    """The diagnostics of residual routing vs static and dynamic c4 (seed 0) and the toy accuracy of every
-    seed's EMA samples at the deep depth, each kept in a file and skipped when it exists (so they resume too)."""
-    _, seeds, steps = recipe(tiny)
-    deep = max(d for d, _, _, _ in runs(tiny))
-    ckpt = lambda name, seed: last_checkpoint(run_dir(out, deep, name, seed), steps)
-    compared = [name for name in ("residual", "static c4", "dynamic c4") if os.path.exists(ckpt(name, 0))]
-    if compared and not os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")):
-        args = [f"--ckpt={ckpt(name, 0)}" for name in compared] + [f"--label={name}" for name in compared]
-        subprocess.run([sys.executable, "diagnose.py", *args, f"--out={os.path.join(out, 'diagnose')}",
-                        "--num-samples=128", "--probe-pairs=64"], cwd=ROOT, check=True, capture_output=True)
-        log("diagnostics done")
-    if tiny:
-        return  # the classifier takes minutes to train: the tests check the training and the report
-    for name in ("residual", "static c4", "explicit c4", "dynamic c4"):
-        for seed in seeds:
-            path = os.path.join(run_dir(out, deep, name, seed), "toy_accuracy.txt")
-            if os.path.exists(ckpt(name, seed)) and not os.path.exists(path):
-                result = subprocess.run([sys.executable, "toy_accuracy.py", f"--ckpt={ckpt(name, seed)}"], cwd=ROOT,
-                                        check=True, capture_output=True, text=True).stdout
-                with open(path, "w") as f:
-                    f.write(result)
+def main_section(out, tiny, window):
+    """The headline tables (steps to reach residual's final loss; paired differences at fixed steps) and the
+    loss curves with seed bands, from the main part's finished runs."""
+    from diagnose import line_plot
 
-
-def extras(out, tiny):
-    """The report's sections on toy accuracy and diagnostics, from what evaluate() left."""
-    _, seeds, _ = recipe(tiny)
-    deep = max(d for d, _, _, _ in runs(tiny))
-    lines, accuracy = [], {}
-    for name in ("residual", "static c4", "explicit c4", "dynamic c4"):
-        for seed in seeds:
-            path = os.path.join(run_dir(out, deep, name, seed), "toy_accuracy.txt")
-            if os.path.exists(path):  # toy_accuracy.py's "class accuracy of ...: 0.935" line
-                with open(path) as f:
-                    line = next(line for line in f if line.startswith("class accuracy"))
-                accuracy.setdefault(name, []).append(float(line.rsplit(": ", 1)[1]))
-    if accuracy:
-        lines += [f"## Toy accuracy of EMA samples, {deep} blocks", "",
-                  "Share of 400 samples (guidance 4, 20 Heun steps) that toy_accuracy.py's classifier puts in their "
-                  "class, mean ± standard deviation over seeds; p: Welch's t-test against residual routing.", "",
-                  "| run | accuracy | p vs residual |", "|---|---|---|"]
-        base = accuracy.get("residual", [])
-        for name, values in accuracy.items():
-            p = welch(values, base) if name != "residual" else "-"
-            lines.append(f"| {name} | {mean_std(values)} | {p} |")
-        lines.append("")
-    if os.path.exists(os.path.join(out, "diagnose", "diagnostics.json")):
-        figures = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "diagnose", "*.png")))
-        lines += [f"## Diagnostics at {deep} blocks (seed 0; diagnose.py)", ""]
-        lines += [f"![{name}](diagnose/{name})" for name in figures] + [""]
+    main = [r for r in plan(tiny) if r.part == "main"]
+    base = main[0]
+    lines = []
+    for key, weights in (("eval_loss_ema", "EMA"), ("eval_loss", "raw")):
+        steps, residual = curves(out, base, key)
+        if not residual:
+            return ["The main part has no finished residual run yet."]
+        series, rows, diffs = [], [], []
+        checkpoints = [s for s in (1000, 2500, 5000, base.steps) if s in steps]
+        for run in main:
+            _, theirs = curves(out, run, key)
+            seeds = sorted(set(theirs) & set(residual))
+            if not seeds:
+                continue
+            a = np.stack([theirs[s] for s in seeds])
+            series.append((run.name, steps, list(a.mean(0)), list(a.std(0, ddof=1) if len(seeds) > 1 else 0 * a[0])))
+            pair = {"residual": np.stack([residual[s] for s in seeds]), "variant": a}
+            reach = steps_to_reach(steps, smooth(a.mean(0), window), smooth(pair["residual"].mean(0), window)[-1])
+            ratio = paired_bootstrap(speed_up(steps, window), pair, draws=2000)
+            rows.append(f"| {run.name} | {len(seeds)} | " + (f"{reach:.0f}" if reach else "not reached")
+                        + f" | {interval(*ratio)} |")
+            diffs.append(f"| {run.name} | " + " | ".join(
+                interval(*paired_bootstrap(mean_difference, {k: v[:, steps.index(s)] for k, v in pair.items()},
+                                           draws=2000), fmt="{:+.4f}") for s in checkpoints) + " |")
+        figure = f"curves_{key}.png"
+        line_plot(series,
+                  f"held-out loss ({weights} weights) at {base.depth} blocks; bars: +-1 sd over seeds", "step",
+                  "loss", os.path.join(out, figure), log=True)
+        lines += [f"## {weights} weights: steps to reach residual's final loss ({base.depth} blocks)", "",
+                  f"![curves]({figure})", "",
+                  f"Target: residual's held-out loss at step {base.steps}, the seed mean smoothed over the last "
+                  f"{window} evaluations. Steps: when the variant's smoothed seed-mean curve first reaches it. "
+                  "Speed-up: residual's steps over the variant's, with a paired bootstrap 95% interval over seeds.",
+                  "", "| run | seeds | steps to reach | speed-up [95%] |", "|---|---|---|---|", *rows, "",
+                  f"Paired difference variant - residual of the held-out loss ({weights}), seed mean [95% bootstrap]:",
+                  "", "| run | " + " | ".join(f"step {s}" for s in checkpoints) + " |",
+                  "|---|" + "---|" * len(checkpoints), *diffs, ""]
     return lines
 
 
-def mean_std(values):
-    if len(values) == 1:
-        return f"{values[0]:.4f} (1 seed)"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+def sweep_section(out, tiny):
+    """Loss against S at every depth (OUT/chunk_sweep.png) and where it is lowest, against Eq. 9's optimum."""
+    from diagnose import line_plot
+
+    series, rows, sizes = [], [], set()
+    for depth in sorted({r.depth for r in plan(tiny)}):
+        sweep = {}
+        for s, run in sweep_runs(tiny, depth).items():
+            upto = min(r.steps for r in sweep_runs(tiny, depth).values())
+            steps, by_seed = curves(out, run, upto=upto)
+            if by_seed:
+                sweep[s] = [c[-1] for c in by_seed.values()]
+        if not sweep:
+            continue
+        sizes |= set(sweep)
+        series.append((f"{depth} blocks", list(sweep), [np.mean(v) for v in sweep.values()],
+                       [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in sweep.values()]))
+        low, high = predicted(2 * depth)
+        best = min(sweep, key=lambda s: np.mean(sweep[s]))
+        fitted, five, ninety_five, share = optimum(sweep) if len(sweep) >= 3 else (None, None, None, 0.0)
+        rows.append(f"| {depth} (L = {2 * depth}) | {best} | " + (f"{fitted:.1f}" if fitted else "none")
+                    + f" | {share:.0%} | " + (f"{five:.1f}-{ninety_five:.1f}" if five else "-")
+                    + f" | {low:.2f}-{high:.2f} |")
+    if not series:
+        return []
+    line_plot(series, "static DAR: held-out loss (EMA; mean +- sd over seeds) against S", "chunk size S (sublayers)",
+              "loss", os.path.join(out, "chunk_sweep.png"), x_ticks=sorted(sizes))
+    return ["## Chunk size S (static DAR)", "", "![loss against S](chunk_sweep.png)", "",
+            "Lowest S: the chunk size with the lowest seed-mean loss at the sweep's last step; S* fitted: the vertex "
+            "of a parabola in log S fitted to the seed means (none: it opens downward or its vertex lies outside "
+            "the sweep); then the same fit on 2000 bootstrap resamples of each S's seeds: the share with a minimum "
+            "inside the sweep and the 5th-95th percentiles of where. Predicted: Eq. 9 with alpha in [0.4, 0.7].", "",
+            "| blocks | lowest S | S* fitted | resamples with a minimum inside | their S* (5-95%) | predicted S* |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
-def report(out, tiny):
+def report(out, tiny, window=4):
     """Write OUT/REPORT.md and its figures from the finished runs; returns the Markdown."""
-    common, seeds, steps = recipe(tiny)
-    table = losses(out, tiny)
-    lines = ["# Study: residual routing vs DAR at the paper's depth", "",
-             f"`python tools/study.py` ({len(seeds)} seeds, {steps} steps; recipe: `{' '.join(common)}`).", "",
-             f"Held-out velocity loss of the EMA weights ({flag(common, 'eval-samples')} held-out images, 8 fixed t, "
-             "fixed noise), mean ± standard deviation over seeds; p: Welch's t-test against residual routing at the "
-             "last step.", ""]
-    total = 0.0
-    for depth in sorted({d for d, _ in table}, reverse=True):
-        rows = {name: by_step for (d, name), by_step in table.items() if d == depth}
-        steps_seen = sorted({s for by_step in rows.values() for s in by_step})
-        lines += [f"## {depth} blocks (L = {2 * depth})", "", "| run | " + " | ".join(f"step {s}" for s in steps_seen)
-                  + " | p vs residual (last step) | training time per run (s) |",
-                  "|---|" + "---|" * (len(steps_seen) + 2)]
-        base = rows.get("residual", {}).get(steps_seen[-1])
-        for name, by_step in rows.items():
-            last = by_step.get(steps_seen[-1], [])
-            p = welch(last, base) if name != "residual" else "-"
-            took = [run_seconds(path) for path in (run_dir(out, depth, name, seed) for seed in seeds)
-                    if finished(path, steps)]
-            total += sum(took)
-            lines.append(f"| {name} | " + " | ".join(mean_std(by_step[s]) if s in by_step else "-"
-                                                      for s in steps_seen) + f" | {p} | {np.mean(took):.0f} |")
-        lines.append("")
-    lines += [f"Training time of the finished runs, summed: {total:.0f} s ({total / 3600:.1f} hours; each run's "
-              "time from its log's steps/s; `--jobs=2` halves the wall-clock time).", ""]
-    lines += sweep_section(out, table, tiny)
-    lines += extras(out, tiny)
+    lines = ["# Study: does DAR converge faster? (toy scale)", "",
+             f"`python tools/study.py` (recipe: `{' '.join(TINY if tiny else RECIPE)}`; held-out velocity loss on "
+             "fixed images, t and noise).", ""]
+    lines += main_section(out, tiny, window)
+    lines += sweep_section(out, tiny)
+    took = [run_seconds(run_dir(out, run, seed)) for run in plan(tiny) for seed in run.seeds
+            if finished(run_dir(out, run, seed), run.steps)]
+    lines += [f"Training time of the {len(took)} finished runs, summed: {sum(took):.0f} s ({sum(took) / 3600:.1f} "
+              "hours; from the logs' steps/s; `--jobs=2` halves the wall-clock time).", ""]
     text = "\n".join(lines)
     with open(os.path.join(out, "REPORT.md"), "w") as f:
         f.write(text)
     return text
 
 
-def sweep_section(out, table, tiny):
-    """The report's section on the chunk size S: OUT/chunk_sweep.png and a table of where the loss is lowest."""
-    from diagnose import line_plot
-
-    steps = recipe(tiny)[2]
-
-    series, rows, sizes = [], [], set()
-    for depth in sorted({d for d, _ in table}, reverse=True):
-        sweep = chunk_sweep(table, depth, tiny)
-        if not sweep:
-            continue
-        sizes |= set(sweep)
-        means = [np.mean(v) for v in sweep.values()]
-        series.append((f"{depth} blocks", list(sweep), means, [np.std(v, ddof=1) if len(v) > 1 else 0.0
-                                                               for v in sweep.values()]))
-        low, high = PREDICTED.get(depth, (None, None))
-        if low:
-            series.append((f"predicted S*, {depth} blocks", [low, high], [min(means)] * 2))
-        best = min(sweep, key=lambda s: np.mean(sweep[s]))
-        against_best = lambda s: welch(sweep[s], sweep[best]) if s != best else "-"
-        fitted, five, ninety_five, share = optimum(sweep) if len(sweep) >= 3 else (None, None, None, 0.0)
-        rows.append(f"| {depth} (L = {2 * depth}) | {best} | {against_best(min(sweep))} | {against_best(max(sweep))} | "
-                    + (f"{fitted:.1f}" if fitted else "none") + f" | {share:.0%} | "
-                    + (f"{five:.1f}-{ninety_five:.1f}" if five else "-") + " | "
-                    + (f"{low:.1f}-{high:.1f} |" if low else "- |"))
-    if not series:
-        return []
-    residual = [(d, by_step[max(by_step)]) for (d, name), by_step in table.items() if name == "residual"]
-    line_plot(series, f"static DAR: held-out loss (EMA, step {steps}; mean +- sd over seeds) against S",
-              "chunk size S (sublayers)", "loss", os.path.join(out, "chunk_sweep.png"), x_ticks=sorted(sizes),
-              hline=(f"residual, {residual[0][0]} blocks", np.mean(residual[0][1])) if residual else None)
-    return ["## Chunk size S (static DAR)", "", "![loss against S](chunk_sweep.png)", "",
-            "Predicted optimum (Eq. 9, S* grows as sqrt(L)) drawn at each depth's lowest loss, residual routing's "
-            "loss dashed. Lowest S: the chunk size with the lowest mean loss at the last step; p: Welch's t-test of "
-            "it against the smallest and the largest S; S* fitted: the vertex of a parabola in log S fitted to the seed means (none: the "
-            "parabola opens downward or its vertex lies outside the sweep); then the same fit on 2000 bootstrap "
-            "resamples of each S's seeds: the share with a minimum inside the sweep, and the 5th-95th percentiles "
-            "of where.", "",
-            "| blocks | lowest S | p vs smallest S | p vs largest S | S* fitted | resamples with a minimum inside "
-            "| their S* (5-95%) | predicted S* |", "|---|---|---|---|---|---|---|---|", *rows, ""]
-
-
 def publish(out, where):
     """Copy OUT/REPORT.md and the figures it shows into `where`, keeping their relative paths."""
-    figures = glob.glob(os.path.join(out, "*.png")) + glob.glob(os.path.join(out, "diagnose", "*.png"))
-    for path in [os.path.join(out, "REPORT.md"), *figures]:
+    for path in [os.path.join(out, "REPORT.md"), *glob.glob(os.path.join(out, "*.png"))]:
         target = os.path.join(where, os.path.relpath(path, out))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(path, target)
@@ -324,16 +362,15 @@ def publish(out, where):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", default="results/study28", help="the study's directory (runs, report, figures)")
+    p.add_argument("--out", default="results/study", help="the study's directory (runs, report, figures)")
     p.add_argument("--report-only", action="store_true", help="no training: the report of the runs finished so far")
     p.add_argument("--tiny", action="store_true", help="a seconds-long study for the tests")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, sharing the CPU's cores")
-    p.add_argument("--publish", help="copy the report and its figures into this directory (e.g. docs/study28)")
+    p.add_argument("--publish", help="copy the report and its figures into this directory (e.g. docs/study)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if not args.report_only:
         train(args.out, args.tiny, jobs=args.jobs)
-        evaluate(args.out, args.tiny)
     print(report(args.out, args.tiny))
     if args.publish:
         publish(args.out, args.publish)
