@@ -24,18 +24,37 @@ from model import SIZES, SiT
 def save_checkpoint(checkpoint, path):
     """torch.save to a temporary file, then an atomic rename: a crash never leaves a half-written checkpoint.
     A failed write (a full disk) removes the partial file and says so; earlier checkpoints are untouched."""
+    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp), nbytes(checkpoint),
+                     "every earlier checkpoint is kept. Free some space (or fix the directory) and --resume")
+
+
+def nbytes(obj):
+    """The bytes of the tensors and arrays in a (nested) object: about what writing it takes on disk."""
+    if isinstance(obj, dict):
+        return sum(map(nbytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(nbytes, obj))
+    return obj.nbytes if hasattr(obj, "nbytes") else 0
+
+
+def write_atomically(path, write, needed, kept):
+    """write(tmp) into a temporary name (a file, or a directory it makes), then rename it to `path`, so that
+    `path` exists only complete. A write that fails (a full disk, a file-size limit, a directory that cannot be
+    written) removes what it left and stops with a message naming the path, the bytes it needed and the space
+    free there; `kept` says what was not touched and what to do."""
     tmp = f"{path}.tmp"
     try:
-        torch.save(checkpoint, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
             os.remove(tmp)
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise SystemExit(f"could not write {path} ({why}; {free / 2**20:.1f} MiB free there); the partial file was "
-                         "removed and every earlier checkpoint is kept. Free some space (or fix the directory) and "
-                         "--resume") from None
+        raise SystemExit(f"could not write {path} ({why}; it needs about {needed / 2**20:.1f} MiB and "
+                         f"{free / 2**20:.1f} MiB are free there); the partial file was removed and {kept}") from None
 
 
 def resolve(source):
@@ -245,6 +264,14 @@ def init_from(model, source):
                          "checkpoints or a released SiT checkpoint")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     cfg = model.config
+    ours = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(ours[k].shape)) for k, v in state.items()
+             if k in ours and v.shape != ours[k].shape]
+    if wrong:
+        k, theirs_shape, our_shape = wrong[0]
+        raise SystemExit(f"--init-from={source} is another architecture: {k} is {theirs_shape} there and "
+                         f"{our_shape} in this model ({len(wrong)} tensors differ). Give the --model, --depth, "
+                         f"--hidden-size, --num-heads and --image-size it was trained with")
     theirs = checkpoint.get("config", {}) if isinstance(checkpoint.get("config"), dict) else {}
     same_routing = all(theirs.get(k) == getattr(cfg, k) for k in ("routing", "chunk", "final_agg"))
     if cfg.routing == "residual" or same_routing:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from cli import HelpFormatter
+from cli import HelpFormatter, check_values
 from data import load_data
 from checkpoint import load_model
 from model import interpolate, modulate
@@ -51,6 +51,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/diagnose", help="directory for diagnostics.json and the figures")
     args = p.parse_args(argv)
+    check_values(p, args, at_least={"num_samples": 2, "map_steps": 2, "probe_pairs": 4, "probe_steps": 2},
+                 writable=("out",))
+    for path in args.ckpt:
+        if "://" not in path and not os.path.isfile(path):
+            p.error(f"--ckpt {path}: no such checkpoint file")
+    if not all(0 <= t <= 1 for t in args.t):
+        p.error(f"--t values must lie in [0, 1] (0 noise, 1 data), got {args.t}")
     if args.label and len(args.label) != len(args.ckpt):
         p.error("give one --label per --ckpt, or none")
     if args.label and len(set(args.label)) != len(args.label):

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import HelpFormatter
+from cli import HelpFormatter, check_values
 from inception import INCEPTION_URL, load_inception
 
 #################################################################################
@@ -83,8 +83,9 @@ def check_batch(path, role, k=3):
     except FileNotFoundError:
         raise ValueError(f"{role} batch {path}: no such file") from None
     except zipfile.BadZipFile:
-        raise ValueError(f"{role} batch {path} is not an .npz (zip) file: write one with np.savez(path, arr_0=images), "
-                         "or let sample.py --num-fid-samples write it") from None
+        raise ValueError(f"{role} batch {path} is not a complete .npz (zip) file: cut short (a copy or a sample.py "
+                         "run that did not finish: copy it again, or run the same sample.py command to finish it) or "
+                         "not an .npz at all (write one with np.savez(path, arr_0=images))") from None
     batches = npz_batches(path, 64)  # checks arr_0: present, N x H x W x 3, uint8, not Fortran order
     first = next(batches, None)
     if first is None:
@@ -234,14 +235,17 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=32, help="--make-ref: image size")
     p.add_argument("--num", type=int, default=10_000, help="--make-ref: number of images")
     args = p.parse_args(argv)
+    check_values(p, args, at_least={"batch_size": 1, "image_size": 1, "num": 1}, readable=("inception",),
+                 writable=("json",))
     if args.make_ref:
         return make_reference(args.make_ref, args.image_size, args.num, args.files[0])
     if len(args.files) != 2:
         p.error("give two files: REF.npz SAMPLES.npz")
     ref_size, sample_size = check_batch(args.files[0], "reference"), check_batch(args.files[1], "sample")
     if ref_size != sample_size:
-        warnings.warn(f"reference images are {ref_size} and samples {sample_size}: both are resized to 299, but FID "
-                      "between different resolutions mostly measures the resolution")
+        raise ValueError(f"reference images are {ref_size} and samples {sample_size}: both would be resized to 299, "
+                         "but FID between two resolutions mostly measures the resolution. Use the reference batch of "
+                         "the samples' resolution (ADM publishes one for 64, 128, 256 and 512)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 moves FID
     device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = evaluate(*args.files, load_inception(args.inception).to(device), device, args.batch_size,

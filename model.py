@@ -44,6 +44,9 @@ class SiTConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.input_size % self.patch_size or self.hidden_size % self.num_heads:
             raise ValueError(f"input_size must be a multiple of patch_size and hidden_size of num_heads: {self}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size must be a multiple of 4 (the 2-D sin-cos position embedding gives each "
+                             f"axis half the width, in sines and cosines), got {self.hidden_size}")
 
 
 def modulate(x, shift, scale):

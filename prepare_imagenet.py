@@ -13,7 +13,9 @@ The work is cut into shards of --shard-size files in sorted order, dealt round-r
 number of GPUs and nodes sharing --out). A shard is written into a temporary directory and renamed when
 complete, so an interrupted run, restarted with the same command, redoes only unfinished shards and never
 rewrites a finished one. The manifest is written last, once every shard exists: until then train.py sees no
-dataset. Files that cannot be read are skipped and listed in the manifest, never fatal.
+dataset. Files that cannot be read are skipped and listed in the manifest, never fatal. Each shard records
+the size and CRC32 of its files, which the manifest collects and train.py checks whenever it opens the directory
+(a truncated, bit-flipped or missing shard file stops it, the shard named).
 """
 import argparse
 import hashlib
@@ -29,9 +31,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from cli import HelpFormatter, setup_distributed
-from data import write_manifest
-from checkpoint import resolve, sha256_of
+from cli import HelpFormatter, Preemption, check_values, setup_distributed
+from data import file_check, write_manifest
+from checkpoint import resolve, sha256_of, write_atomically
 from vae import VAE_URL, load_vae
 
 EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
@@ -55,6 +57,8 @@ def parse_args(argv=None):
                    help="VAE arithmetic: bf16 autocast is faster on GPUs, at some loss of latent accuracy")
     p.add_argument("--workers", type=int, default=4, help="image-decoding processes per GPU")
     args = p.parse_args(argv)
+    check_values(p, args, at_least={"image_size": 8, "batch_size": 1, "shard_size": 1, "workers": 0},
+                 readable=("data_path", "vae"), writable=("out",))
     if not os.path.isdir(args.data_path):
         p.error(f"--data-path {args.data_path} is not a directory (expected ImageNet's train/ with one folder per class)")
     if args.image_size % 8:
@@ -139,8 +143,15 @@ def scan(root):
 #################################################################################
 
 @torch.no_grad()
+def shard_bytes(args, count):
+    """About what a shard of `count` images takes on disk: both flips' mean and std, labels, the crops."""
+    latent = 4 * (args.image_size // 8) ** 2
+    return count * (4 * latent * np.dtype(args.dtype).itemsize + 8 + args.images * 3 * args.image_size ** 2)
+
+
 def encode_shard(args, vae, device, files, tmp):
-    """Encode one shard's files into the directory tmp: moments.npy, labels.npy, images.npy, skipped.json."""
+    """Encode one shard's files into a new directory tmp: moments.npy, labels.npy, images.npy, skipped.json."""
+    os.makedirs(tmp)
     loader = torch.utils.data.DataLoader(Files(args.data_path, files, args.image_size), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=list)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
@@ -172,6 +183,9 @@ def encode_shard(args, vae, device, files, tmp):
                 np.concatenate(images) if images else np.zeros((0, args.image_size, args.image_size, 3), np.uint8))
     with open(os.path.join(tmp, "skipped.json"), "w") as f:
         json.dump(skipped, f)
+    checks = {name: file_check(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp)) if name.endswith(".npy")}
+    with open(os.path.join(tmp, "checks.json"), "w") as f:  # the manifest's record of each file, read when opened
+        json.dump(checks, f)
 
 
 def load_plan(args, rank, world):
@@ -264,16 +278,19 @@ def run(args, rank, world, device):
         vae = load_vae(args.vae).to(device)
         bar = tqdm(total=sum(len(files[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo),
                    unit="img", disable=rank != 0, desc=f"rank 0 of {world}")
-        for k in todo:
-            shard = files[k * args.shard_size:(k + 1) * args.shard_size]
-            tmp = os.path.join(args.out, f"{names[k]}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)  # the remains of an interrupted run
-            os.makedirs(tmp)
-            start = time.time()
-            encode_shard(args, vae, device, shard, tmp)
-            os.replace(tmp, os.path.join(args.out, names[k]))  # atomic: a shard exists only when complete
-            bar.update(len(shard))
-            bar.set_postfix_str(f"{len(shard) / (time.time() - start):.1f} img/s this rank")
+        with Preemption() as preempt:  # a SIGTERM or SIGUSR1 stops after the shard under way
+            for k in todo:
+                shard = files[k * args.shard_size:(k + 1) * args.shard_size]
+                path = os.path.join(args.out, names[k])
+                shutil.rmtree(f"{path}.tmp", ignore_errors=True)  # the remains of an interrupted run
+                start = time.time()
+                encode = lambda tmp: encode_shard(args, vae, device, shard, tmp)  # noqa: E731
+                write_atomically(path, encode, shard_bytes(args, len(shard)), "every finished shard is kept. Free some space and run the same command to continue")
+                bar.update(len(shard))
+                bar.set_postfix_str(f"{len(shard) / (time.time() - start):.1f} img/s this rank")
+                if preempt.requested():
+                    preempt.stop(f"stopped after {names[k]}; every finished shard is kept. Run the same command to "
+                                 "make the rest")
         bar.close()
     if world > 1:
         dist.barrier()
@@ -281,6 +298,15 @@ def run(args, rank, world, device):
         write_final_manifest(args, plan, names)
     if world > 1:
         dist.destroy_process_group()
+
+
+def shard_checks(folder):
+    """{file: its bytes and CRC32} of a finished shard: as encode_shard recorded them (checks.json), or made now
+    for a shard written before shards recorded them."""
+    if os.path.exists(os.path.join(folder, "checks.json")):
+        with open(os.path.join(folder, "checks.json")) as f:
+            return json.load(f)
+    return {name: file_check(os.path.join(folder, name)) for name in sorted(os.listdir(folder)) if name.endswith(".npy")}
 
 
 def write_final_manifest(args, plan, names):
@@ -293,7 +319,7 @@ def write_final_manifest(args, plan, names):
         with open(os.path.join(args.out, name, "skipped.json")) as f:
             skipped += json.load(f)
         count = len(np.load(os.path.join(args.out, name, "labels.npy"), mmap_mode="r"))
-        shards.append({"name": name, "count": count})
+        shards.append({"name": name, "count": count, "files": shard_checks(os.path.join(args.out, name))})
     files_digest = hashlib.sha256(json.dumps(plan["files"]).encode()).hexdigest()
     write_manifest(args.out, {
         "count": sum(s["count"] for s in shards), "num_classes": len(plan["classes"]), "classes": plan["classes"],

@@ -33,9 +33,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from cli import HelpFormatter, setup_distributed
+from cli import HelpFormatter, Preemption, check_values, setup_distributed
 from data import LATENT_SCALE
-from checkpoint import load_model
+from checkpoint import load_model, write_atomically
 from vae import VAE_URL, load_vae
 
 SAMPLERS = ("heun", "euler", "sde")
@@ -139,19 +139,31 @@ def write_npz(path, parts, count):
     first = np.load(parts[0], mmap_mode="r")
     header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
               "shape": (count, *first.shape[1:])}
-    with zipfile.ZipFile(path + ".tmp", "w", allowZip64=True) as zf, zf.open("arr_0.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_2_0(f, header)
-        left = count
-        for part in parts:
-            rows = np.load(part, mmap_mode="r")[:left]
-            f.write(np.ascontiguousarray(rows).tobytes())
-            left -= len(rows)
-    os.replace(path + ".tmp", path)
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf, zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            left = count
+            for part in parts:
+                rows = np.load(part, mmap_mode="r")[:left]
+                f.write(np.ascontiguousarray(rows).tobytes())
+                left -= len(rows)
+    write_atomically(path, write, count * first[0].nbytes, "every batch is kept. Free some space and run the same "
+                     "command to write it")
 
 
 #################################################################################
 #                                  The script                                   #
 #################################################################################
+
+def write_part(path, images):
+    """One batch of samples as an .npy, written atomically: a batch exists only once complete."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, images)
+    write_atomically(path, write, images.nbytes, "every finished batch is kept. Free some space and run the same "
+                     "command to continue")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -172,6 +184,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast of the model")
     args = p.parse_args(argv)
+    check_values(p, args, at_least={"num_steps": 1, "per_class": 1, "batch_size": 1, "cfg_scale": 0.0},
+                 readable=("ckpt", "vae"), writable=("out",))
+    low, high = args.guidance_interval
+    if not 0 <= low <= high <= 1:
+        p.error(f"--guidance-interval must be LOW HIGH with 0 <= LOW <= HIGH <= 1, got {low} {high}")
     args.num_steps = args.num_steps or (125 if args.sampler == "heun" else 250)
     if args.num_steps < 1 or (args.sampler == "sde" and args.num_steps < 2):
         p.error("--num-steps must be at least 1 (2 for sde)")
@@ -246,11 +263,14 @@ def main(args):
         B, N = args.batch_size, args.num_fid_samples
         parts = [os.path.join(parts_dir, f"{b:06d}.npy") for b in range(-(-N // B))]
         todo = [b for b in range(rank, len(parts), world) if not os.path.exists(parts[b])]
-        for b in tqdm(todo, disable=rank != 0, desc=f"batches of {B} (rank 0 of {world})"):
-            first = b * B
-            with open(parts[b] + ".tmp", "wb") as f:
-                np.save(f, images(first, min(B, N - first)))
-            os.replace(parts[b] + ".tmp", parts[b])  # a batch exists only once complete
+        with Preemption() as preempt:  # a SIGTERM or SIGUSR1 stops after the batch under way
+            for b in tqdm(todo, disable=rank != 0, desc=f"batches of {B} (rank 0 of {world})"):
+                first = b * B
+                write_part(parts[b], images(first, min(B, N - first)))
+                if preempt.requested():
+                    done = sum(map(os.path.exists, parts))
+                    preempt.stop(f"stopped after a batch; {done} of {len(parts)} batches are in {parts_dir}. Run the "
+                                 "same command to make the rest")
         if world > 1:
             dist.barrier()
         if rank == 0:

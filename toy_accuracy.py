@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import HelpFormatter
+from cli import HelpFormatter, check_values
 from data import SHAPES, Shapes
 from checkpoint import load_checkpoint, load_model, save_checkpoint
 from sample import sample_ode
@@ -95,6 +95,8 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale; 1 = none")
     p.add_argument("--seed", type=int, default=1, help="seed of the sampling noise")
     args = p.parse_args(argv)
+    check_values(p, args, at_least={"per_class": 1, "num_steps": 1, "cfg_scale": 0.0}, readable=("ckpt",),
+                 writable=("classifier",))
 
     model = load_model(args.ckpt).eval()
     cfg = model.config

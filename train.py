@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import repa
 from checkpoint import (checkpoints_by_step, init_from, nonfinite_tensors, refuse_used, resolve, resume,
                         save_checkpoint, sha256_of)
-from cli import HelpFormatter, setup_distributed
+from cli import HelpFormatter, Preemption, check_values, setup_distributed
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
 from data import Latents, Stream, load_data
 from diagnose import heat_maps, routing_maps
@@ -49,8 +49,8 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20",
 # What --resume may change. Every other flag defines the run (its model, data, held-out split or recipe), and a
 # resume that changes one is refused; so a flag you add counts as run-defining until you name it here.
 RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "compile", "grad_checkpoint")  # printed
-PER_INVOCATION = ("results_dir", "resume", "init_from", "max_steps", "log_every", "eval_every", "sample_every",
-                  "sample_steps", "sample_cfg", "vae", "ckpt_every", "bench", "bench_steps", "traffic",
+PER_INVOCATION = ("results_dir", "resume", "init_from", "data_check", "max_steps", "log_every", "eval_every",
+                  "sample_every", "sample_steps", "sample_cfg", "vae", "ckpt_every", "bench", "bench_steps", "traffic",
                   "repa_encoder")  # repa_encoder: where the weights are on this machine (checkpoints keep their sha256)
 
 
@@ -69,6 +69,8 @@ def parse_args(argv=None):
     a = p.add_argument_group("data")
     a.add_argument("--data-path", help="a directory written by prepare_imagenet.py")
     a.add_argument("--data", choices=["shapes"], help="the built-in toy dataset instead of --data-path")
+    a.add_argument("--data-check", choices=("crc", "sizes"), default="crc", help="on opening --data-path, rank 0 "
+                   "checks every shard's CRC (a read of the whole dataset) or only sizes and row counts")
     a.add_argument("--image-size", type=int, help="image size: 256 for ImageNet latents, 32 (default) for shapes")
     a = p.add_argument_group("optimisation")
     a.add_argument("--global-batch-size", type=int, default=1024, help="images per optimiser step, all GPUs")
@@ -111,15 +113,6 @@ def parse_args(argv=None):
         p.error("give exactly one of --data-path DIR (prepared latents) and --data=shapes (the toy data)")
     if args.resume and args.init_from:
         p.error("--resume continues a run, --init-from starts a new one from weights: give one")
-    if args.chunk < 1:
-        p.error("--chunk must be >= 1")
-    for name in ("global_batch_size", "micro_batch_size", "log_every", "ckpt_every", "max_steps", "eval_samples",
-                 "sample_steps", "bench_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_every", "sample_every"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be 0 (never) or more, got {getattr(args, name)}")
     if args.data_path in ("shapes", "random"):
         p.error(f"--data-path={args.data_path} would name a built-in data set, not a directory: use "
                 f"--data={args.data_path} for it, or ./{args.data_path} for a directory of that name")
@@ -129,6 +122,12 @@ def parse_args(argv=None):
         args.repa_depth = 4 if args.model.split("/")[0] in ("SiT-S", "SiT-B") else 8
     if args.results_dir is None:
         args.results_dir = os.path.join("results", f"{args.model.replace('/', '-')}-{args.routing}")
+    ones = ("chunk", "global_batch_size", "micro_batch_size", "log_every", "ckpt_every", "max_steps", "eval_samples",
+            "sample_steps", "bench_steps", "depth", "hidden_size", "num_heads", "image_size", "repa_depth")
+    check_values(p, args, at_least={**dict.fromkeys(ones, 1), "eval_every": 0, "sample_every": 0, "grad_clip": 0.0,
+                                    "repa_coeff": 0.0, "sample_cfg": 0.0}, positive=("lr",),
+                 within={"ema_decay": (0.0, 1.0)}, readable=("init_from", "repa_encoder", "vae"),
+                 writable=("results_dir",))
     return args
 
 
@@ -187,7 +186,9 @@ def main(args):
     accum = per_rank // micro
 
     # 2. Data, model, EMA, REPA, optimiser.
-    data = load_data(args.data or args.data_path or "random", args.image_size, args.seed, args.eval_samples)
+    # Rank 0 reads every shard once to check its CRCs (the others check sizes): damage stops the job before step 1.
+    crc = master and args.data_check == "crc"
+    data = load_data(args.data or args.data_path or "random", args.image_size, args.seed, args.eval_samples, crc)
     vae = None  # decodes the sample grids of latent models
     if isinstance(data, Latents) and master and args.sample_every:
         vae = load_vae(args.vae or data.manifest["vae"]).to(device)
@@ -243,55 +244,71 @@ def main(args):
     loss_sum, interval_steps, t_last = torch.zeros(2, device=device), 0, time.time()
     finite_grads = torch.ones((), dtype=torch.bool, device=device)  # every step's gradient so far, checked without a sync
 
-    # 3. The loop.
-    first_step = step
-    while step < args.max_steps:
-        draw = stream.draw(step, model.config.class_dropout_prob)
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
-        losses, grad_norm = train_step(args, module, opt, data, draw, mine, micro, accum, encoder, autocast,
-                                       model.config.num_classes)
-        update_ema(ema, model, args.ema_decay)
-        finite_grads &= torch.isfinite(grad_norm)
-        step += 1
-        if master and step == first_step + 1 and args.log_every > 1:  # a sign of life before the first log line
-            print(f"step {step} took {time.time() - t_last:.1f} s; the next log line is at step "
-                  f"{(step // args.log_every + 1) * args.log_every} (slow? see OMP_NUM_THREADS in the README)", flush=True)
-        loss_sum += torch.stack([losses[0], losses[1]]).detach()
-        interval_steps += 1
+    def save(step):
+        """The checkpoint of this step, written by rank 0 once every rank has checked the state is finite."""
+        stop_unless_finite(all_reduced(loss_sum, world)[0].item(), finite_grads.item(), step, ckpt_dir)
+        bad = nonfinite_tensors(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
+        if bad:  # the last line of defence: nothing non-finite is ever written
+            stop_unless_finite(float("nan"), False, step, ckpt_dir, f"non-finite values in {bad}")
+        path = os.path.join(ckpt_dir, f"{step:07d}.pt")
+        if master:
+            save_checkpoint(dict(config=model_config(model), args=vars(args), step=step, model=model.state_dict(),
+                                 ema=ema.state_dict(), opt=opt.state_dict(),
+                                 projector=projector.state_dict() if projector is not None else None,
+                                 rng=dict(cpu=torch.get_rng_state()), weights=weight_files,
+                                 data=dict(seed=args.seed, samples_seen=step * args.global_batch_size)), path)
+        if world > 1:
+            dist.barrier()
+        return path
 
-        if step % args.log_every == 0 or step == args.max_steps:
-            loss, repa_loss = (all_reduced(loss_sum, world) / (interval_steps * world)).tolist()
-            stop_unless_finite(loss, finite_grads.item(), step, ckpt_dir)
-            dt = time.time() - t_last
-            record = dict(step=step, loss=loss, grad_norm=grad_norm.item(), steps_per_s=interval_steps / dt,
-                          images_per_s=interval_steps * args.global_batch_size / dt)
-            if args.repa:
-                record["repa_loss"] = repa_loss
-            if device.type == "cuda":
-                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if peak:
-                    record["mfu"] = 3 * fpi * record["images_per_s"] / (world * peak)
-            write_log(log, record)
-            loss_sum.zero_()
-            interval_steps, t_last = 0, time.time()
-        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-            write_log(log, dict(step=step, **evaluate(args, model, ema, data, device, autocast, rank, world)))
-        if master and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-            sample_grid(args, ema, data, device, step, vae)
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            stop_unless_finite(all_reduced(loss_sum, world)[0].item(), finite_grads.item(), step, ckpt_dir)
-            bad = nonfinite_tensors(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
-            if bad:  # the last line of defence: nothing non-finite is ever written
-                stop_unless_finite(float("nan"), False, step, ckpt_dir, f"non-finite values in {bad}")
-            if master:
-                save_checkpoint(dict(config=model_config(model), args=vars(args), step=step, model=model.state_dict(),
-                                     ema=ema.state_dict(), opt=opt.state_dict(),
-                                     projector=projector.state_dict() if projector is not None else None,
-                                     rng=dict(cpu=torch.get_rng_state()), weights=weight_files,
-                                     data=dict(seed=args.seed, samples_seen=step * args.global_batch_size)),
-                                os.path.join(ckpt_dir, f"{step:07d}.pt"))
-            if world > 1:
-                dist.barrier()
+    # 3. The loop. A SIGTERM or SIGUSR1 (a scheduler's warning) checkpoints at the end of the step and stops.
+    first_step = step
+    with Preemption() as preempt:
+        while step < args.max_steps:
+            draw = stream.draw(step, model.config.class_dropout_prob)
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
+            losses, grad_norm = train_step(args, module, opt, data, draw, mine, micro, accum, encoder, autocast,
+                                           model.config.num_classes)
+            update_ema(ema, model, args.ema_decay)
+            finite_grads &= torch.isfinite(grad_norm)
+            step += 1
+            if master and step == first_step + 1 and args.log_every > 1:  # a sign of life before the first log line
+                print(f"step {step} took {time.time() - t_last:.1f} s; the next log line is at step "
+                      f"{(step // args.log_every + 1) * args.log_every} (slow? see OMP_NUM_THREADS in the README)",
+                      flush=True)
+            loss_sum += torch.stack([losses[0], losses[1]]).detach()
+            interval_steps += 1
+
+            if step % args.log_every == 0 or step == args.max_steps:
+                loss, repa_loss = (all_reduced(loss_sum, world) / (interval_steps * world)).tolist()
+                stop_unless_finite(loss, finite_grads.item(), step, ckpt_dir)
+                dt = time.time() - t_last
+                record = dict(step=step, loss=loss, grad_norm=grad_norm.item(), steps_per_s=interval_steps / dt,
+                              images_per_s=interval_steps * args.global_batch_size / dt)
+                if args.repa:
+                    record["repa_loss"] = repa_loss
+                if device.type == "cuda":
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if peak:
+                        record["mfu"] = 3 * fpi * record["images_per_s"] / (world * peak)
+                write_log(log, record)
+                loss_sum.zero_()
+                interval_steps, t_last = 0, time.time()
+            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+                write_log(log, dict(step=step, **evaluate(args, model, ema, data, device, autocast, rank, world)))
+            if master and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+                sample_grid(args, ema, data, device, step, vae)
+            saved = step % args.ckpt_every == 0 or step == args.max_steps
+            if saved:
+                path = save(step)
+            if preempt.requested(world, device):
+                path = path if saved else save(step)
+                if log:
+                    write_log(log, dict(step=step, preempted=preempt.signal.name if preempt.signal else "another rank"))
+                if world > 1:
+                    dist.destroy_process_group()
+                preempt.stop(f"stopped at step {step} with its checkpoint {path}; continue the run with the same "
+                             "command and --resume=latest")
     if world > 1:
         dist.destroy_process_group()
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import diagnose
+import fid
 import prepare_imagenet
 import sample
 import toy_accuracy
@@ -83,13 +84,85 @@ def assert_refused(fn, message, *roots, capsys=None):
     ("--ckpt-every=0", "--ckpt-every must be at least 1"),
     ("--max-steps=0", "--max-steps must be at least 1"),
     ("--eval-samples=0", "--eval-samples must be at least 1"),
-    ("--eval-every=-1", "--eval-every must be 0 (never) or more"),
-    ("--sample-every=-5", "--sample-every must be 0 (never) or more"),
-    ("--chunk=0", "--chunk must be >= 1"),
+    ("--eval-every=-1", "--eval-every must be at least 0"),
+    ("--sample-every=-5", "--sample-every must be at least 0"),
+    ("--chunk=0", "--chunk must be at least 1"),
+    ("--depth=0", "--depth must be at least 1"),
+    ("--hidden-size=0", "--hidden-size must be at least 1"),
+    ("--num-heads=0", "--num-heads must be at least 1"),
+    ("--image-size=0", "--image-size must be at least 1"),
+    ("--lr=0", "--lr must be above 0"),
+    ("--lr=-1e-4", "--lr must be above 0"),
+    ("--ema-decay=1.5", "--ema-decay must be in [0.0, 1.0]"),
+    ("--grad-clip=-1", "--grad-clip must be at least 0.0"),
+    ("--repa-coeff=-0.5", "--repa-coeff must be at least 0.0"),
+    ("--repa-depth=0", "--repa-depth must be at least 1"),
+    ("--sample-cfg=-2", "--sample-cfg must be at least 0.0"),
+    ("--sample-steps=0", "--sample-steps must be at least 1"),
+    ("--init-from=missing.pt", "--init-from missing.pt: no such file or directory"),
+    ("--vae=missing/vae.safetensors", "--vae missing/vae.safetensors: no such file or directory"),
+    ("--repa-encoder=missing.pth", "--repa-encoder missing.pth: no such file or directory"),
 ])
 def test_bad_counts_are_refused_before_anything_is_created(tmp_path, capsys, flag, message):
     assert_refused(lambda: run_train(tmp_path, flag), message, tmp_path, capsys=capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_results_dir_that_cannot_be_made_is_refused_before_anything(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert_refused(lambda: run_train(tmp_path, f"--results-dir={tmp_path / 'file' / 'run'}"),
+                   "is not a directory this user can write to", tmp_path, capsys=capsys)
+
+
+#################################################################################
+#             The other scripts: impossible values, missing files               #
+#################################################################################
+
+SCRIPTS = {"sample": sample.parse_args, "diagnose": diagnose.parse_args, "prepare": prepare_imagenet.parse_args,
+           "fid": fid.main, "toy_accuracy": toy_accuracy.main}
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("sample", ["--ckpt=CKPT", "--out=x.png", "--num-steps=0"], "--num-steps must be at least 1"),
+    ("sample", ["--ckpt=CKPT", "--out=x.png", "--per-class=0"], "--per-class must be at least 1"),
+    ("sample", ["--ckpt=CKPT", "--out=x.npz", "--num-fid-samples=8", "--batch-size=0"],
+     "--batch-size must be at least 1"),
+    ("sample", ["--ckpt=CKPT", "--out=x.png", "--cfg-scale=-1"], "--cfg-scale must be at least 0.0"),
+    ("sample", ["--ckpt=CKPT", "--out=x.png", "--guidance-interval", "0.8", "0.2"],
+     "--guidance-interval must be LOW HIGH with 0 <= LOW <= HIGH <= 1"),
+    ("sample", ["--ckpt=missing.pt", "--out=x.png"], "--ckpt missing.pt: no such file or directory"),
+    ("sample", ["--ckpt=CKPT", "--out=FILE/x.png"], "is not a directory this user can write to"),
+    ("sample", ["--ckpt=CKPT", "--out=x.npz", "--num-fid-samples=0"], "--num-fid-samples needs a positive count"),
+    ("diagnose", ["--ckpt=CKPT", "--num-samples=1"], "--num-samples must be at least 2"),
+    ("diagnose", ["--ckpt=CKPT", "--map-steps=1"], "--map-steps must be at least 2"),
+    ("diagnose", ["--ckpt=CKPT", "--probe-pairs=2"], "--probe-pairs must be at least 4"),
+    ("diagnose", ["--ckpt=CKPT", "--t", "0.5", "1.5"], "--t values must lie in [0, 1]"),
+    ("diagnose", ["--ckpt=missing.pt"], "--ckpt missing.pt: no such checkpoint file"),
+    ("diagnose", ["--ckpt=CKPT", "--out=FILE/diag"], "is not a directory this user can write to"),
+    ("prepare", ["--data-path=DIR", "--out=OUT", "--shard-size=0"], "--shard-size must be at least 1"),
+    ("prepare", ["--data-path=DIR", "--out=OUT", "--batch-size=0"], "--batch-size must be at least 1"),
+    ("prepare", ["--data-path=DIR", "--out=OUT", "--workers=-1"], "--workers must be at least 0"),
+    ("prepare", ["--data-path=DIR", "--out=OUT", "--image-size=100"], "--image-size must be a multiple of 8"),
+    ("prepare", ["--data-path=missing", "--out=OUT"], "--data-path missing: no such file or directory"),
+    ("prepare", ["--data-path=DIR", "--out=OUT", "--vae=missing.bin"], "--vae missing.bin: no such file"),
+    ("prepare", ["--data-path=DIR", "--out=FILE/out"], "is not a directory this user can write to"),
+    ("fid", ["a.npz", "b.npz", "--batch-size=0"], "--batch-size must be at least 1"),
+    ("fid", ["a.npz", "b.npz", "--inception=missing.pth"], "--inception missing.pth: no such file"),
+    ("fid", ["--make-ref=shapes", "--num=0", "ref.npz"], "--num must be at least 1"),
+    ("fid", ["a.npz", "b.npz", "--json=FILE/m.json"], "is not a directory this user can write to"),
+    ("toy_accuracy", ["--ckpt=CKPT", "--per-class=0"], "--per-class must be at least 1"),
+    ("toy_accuracy", ["--ckpt=CKPT", "--num-steps=0"], "--num-steps must be at least 1"),
+    ("toy_accuracy", ["--ckpt=missing.pt"], "--ckpt missing.pt: no such file or directory"),
+])
+def test_every_script_refuses_impossible_values_before_any_work(run_dir, tmp_path, capsys, monkeypatch, script, argv,
+                                                                message):
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    (tmp_path / "DIR").mkdir()
+    fill = {"CKPT": str(run_dir / "run" / "checkpoints" / "0000003.pt"), "FILE": str(tmp_path / "FILE"),
+            "DIR": str(tmp_path / "DIR"), "OUT": str(tmp_path / "out")}
+    argv = [next((a.replace(k, v) for k, v in fill.items() if k in a), a) for a in argv]
+    monkeypatch.chdir(tmp_path)  # relative outputs would land here, where the check that nothing changed looks
+    assert_refused(lambda: SCRIPTS[script](argv), message, tmp_path, run_dir, capsys=capsys)
 
 
 @pytest.mark.parametrize("name", ["shapes", "random"])
@@ -418,3 +491,11 @@ def test_prepare_refuses_a_second_run_on_the_same_out_and_takes_over_a_dead_ones
     prepare(data, out)
     assert (out / "manifest.json").exists() and not (out / ".lock").exists()
     assert json.load(open(out / "manifest.json"))["vae_sha256"] is None  # random weights: no file to hash
+
+
+def test_init_from_a_checkpoint_of_another_architecture_names_the_first_tensor_that_differs(run_dir, tmp_path):
+    ckpt = str(run_dir / "run" / "checkpoints" / "0000003.pt")
+    wider = [a if not a.startswith("--hidden-size") else "--hidden-size=48" for a in TINY]
+    args = train.parse_args(["--data=shapes", *wider, "--global-batch-size=4", "--max-steps=1",
+                             f"--init-from={ckpt}", f"--results-dir={tmp_path / 'run'}"])
+    assert_refused(lambda: train.main(args), "is another architecture: ", run_dir, tmp_path)

@@ -216,7 +216,9 @@ def test_bad_npz_files_say_what_is_wrong(tmp_path):
     assert [len(b) for b in batches] == [2, 1] and np.array_equal(np.concatenate(batches), good)
 
 
-def test_bad_batches_are_refused_before_any_network_runs(tmp_path, monkeypatch):
+@pytest.fixture
+def batches(tmp_path, monkeypatch):
+    """A folder of .npz batches, good and bad, and a network that fails the test if it is ever loaded."""
     monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("the network was loaded first"))
     rng = np.random.default_rng(0)
     good = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
@@ -228,23 +230,36 @@ def test_bad_batches_are_refused_before_any_network_runs(tmp_path, monkeypatch):
     np.savez(tmp_path / "few.npz", arr_0=good[:3])
     np.savez(tmp_path / "mu.npz", arr_0=good, mu=np.zeros(1000), sigma=np.eye(2048), mu_s=np.zeros(2023),
              sigma_s=np.eye(2023))
-    cases = [("missing.npz", "good.npz", "reference batch .*missing.npz: no such file"),
-             ("text.npz", "good.npz", "text.npz is not an .npz \\(zip\\) file"),
-             ("good.npz", "key.npz", "key.npz has no 'arr_0' array"),
-             ("good.npz", "empty.npz", "empty.npz: arr_0 holds no images"),
-             ("fortran.npz", "good.npz", "must be N x H x W x 3"),
-             ("good.npz", "few.npz", "holds 3 images; precision and recall need at least 4"),
-             ("mu.npz", "good.npz", "mu must be \\(2048,\\).*found \\(1000,\\)")]
-    for ref, samples, message in cases:
-        with pytest.raises(ValueError, match=message):
-            fid.main([str(tmp_path / ref), str(tmp_path / samples)])
-    np.savez(tmp_path / "unit.npz", arr_0=(good > 128).astype(np.uint8))
     np.savez(tmp_path / "big.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) * 2 // 3])  # a copy or a sample run that did not finish
+    return tmp_path
+
+
+@pytest.mark.parametrize("ref, samples, message", [
+    ("missing.npz", "good.npz", "reference batch .*missing.npz: no such file"),
+    ("text.npz", "good.npz", "text.npz is not a complete .npz \\(zip\\) file"),
+    ("good.npz", "cut.npz", "sample batch .*cut.npz is not a complete .npz \\(zip\\) file: cut short"),
+    ("good.npz", "key.npz", "key.npz has no 'arr_0' array"),
+    ("good.npz", "empty.npz", "empty.npz: arr_0 holds no images"),
+    ("fortran.npz", "good.npz", "must be N x H x W x 3"),
+    ("good.npz", "few.npz", "holds 3 images; precision and recall need at least 4"),
+    ("mu.npz", "good.npz", "mu must be \\(2048,\\).*found \\(1000,\\)"),
+    ("good.npz", "big.npz", "reference images are \\(8, 8\\) and samples \\(16, 16\\)"),
+], ids=["missing", "not a zip", "cut short", "no arr_0", "empty", "channels first", "too few", "bad statistics",
+        "another resolution"])
+def test_bad_batches_are_refused_before_any_network_runs(batches, ref, samples, message):
+    with pytest.raises(ValueError, match=message):
+        fid.main([str(batches / ref), str(batches / samples)])
+
+
+def test_batches_that_are_legal_but_probably_wrong_are_warned_about(batches):
+    np.savez(batches / "unit.npz", arr_0=(np.load(batches / "good.npz")["arr_0"] > 128).astype(np.uint8))
     with pytest.warns(UserWarning) as caught:
         with pytest.raises(pytest.fail.Exception, match="the network was loaded first"):
-            fid.main([str(tmp_path / "unit.npz"), str(tmp_path / "big.npz")])
+            fid.main([str(batches / "unit.npz"), str(batches / "good.npz")])
     said = " ".join(str(w.message) for w in caught)
-    assert "splits of 5000" in said and "[0, 1] data" in said and "(8, 8) and samples (16, 16)" in said
+    assert "splits of 5000" in said and "[0, 1] data" in said
 
 
 def test_evaluate_end_to_end_and_reference_statistics(tmp_path):
@@ -361,7 +376,8 @@ def sample(*args, torchrun=False, wait=True):
     return out
 
 
-def test_fid_samples_are_exact_in_number_unique_and_the_same_on_two_processes_and_after_a_kill(tiny_checkpoint, tmp_path):
+def test_fid_samples_are_exact_in_number_unique_and_the_same_on_two_processes_and_after_a_stop_and_a_kill(
+        tiny_checkpoint, tmp_path):
     common = [f"--ckpt={tiny_checkpoint}", "--num-fid-samples=11", "--batch-size=2", "--sampler=sde", "--num-steps=150"]
     sample(*common, f"--out={tmp_path / 'one.npz'}")
     with np.load(tmp_path / "one.npz") as f:
@@ -370,9 +386,18 @@ def test_fid_samples_are_exact_in_number_unique_and_the_same_on_two_processes_an
     sample(*common, f"--out={tmp_path / 'two.npz'}", torchrun=True)
     with np.load(tmp_path / "two.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], one)  # rank-disjoint batches, each a function of the seed
-    proc = sample(*common, f"--out={tmp_path / 'killed.npz'}", wait=False)
+    proc = sample(*common, f"--out={tmp_path / 'killed.npz'}", wait=False)  # a SIGTERM stops after a batch
     parts = tmp_path / "killed.parts"
-    while proc.poll() is None and not (parts.exists() and len([p for p in os.listdir(parts) if p.endswith(".npy")]) >= 2):
+    while proc.poll() is None and not (parts.exists() and any(p.endswith(".npy") for p in os.listdir(parts))):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    said = proc.communicate()[0]
+    assert proc.returncode == 128 + signal.SIGTERM, said
+    assert "SIGTERM: stopped after a batch; " in said and "Run the same command to make the rest" in said
+    assert not any(p.endswith(".tmp") for p in os.listdir(parts)) and not (tmp_path / "killed.npz").exists()
+    proc = sample(*common, f"--out={tmp_path / 'killed.npz'}", wait=False)  # then a kill -9 after two more
+    stopped = len([p for p in os.listdir(parts) if p.endswith(".npy")])
+    while proc.poll() is None and len([p for p in os.listdir(parts) if p.endswith(".npy")]) < stopped + 2:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -399,3 +424,4 @@ def test_grid_mode_and_released_sit_checkpoints(tiny_checkpoint, tmp_path):
     torch.save(sit.state_dict(), tmp_path / "SiT-S-8.pt")
     loaded = load_model(str(tmp_path / "SiT-S-8.pt"))
     assert model_config(loaded) == model_config(sit)
+

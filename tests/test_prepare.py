@@ -2,6 +2,7 @@
 independent functional forward pass, ADM's crop, and preparation end to end (bad files, resumption, torchrun)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -283,10 +284,20 @@ def test_train_py_trains_on_the_prepared_directory_and_decodes_its_grids(prepare
     assert grid.size == (8 * 64, 3 * 64)  # 8 per class, 3 classes, 64px decoded images
 
 
-def test_a_killed_run_resumes_to_identical_bytes_and_torchrun_writes_the_same(imagenet, prepared, tmp_path):
+def test_a_stopped_and_a_killed_run_resume_to_identical_bytes_and_torchrun_writes_the_same(imagenet, prepared,
+                                                                                            tmp_path):
     out = tmp_path / "killed"
-    proc = prepare(imagenet, out, wait=False)
-    while not os.path.isdir(out / "shard_00001") and proc.poll() is None:
+    proc = prepare(imagenet, out, wait=False)  # first a SIGTERM (preemption): it stops after the shard under way
+    while not os.path.isdir(out / "shard_00000") and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    said = proc.communicate()[0]
+    assert proc.returncode == 128 + signal.SIGTERM, said
+    assert "SIGTERM: stopped after shard_0000" in said and "every finished shard is kept" in said
+    assert not os.path.exists(out / "manifest.json") and not list(out.glob("*.tmp"))
+    assert not os.path.exists(out / ".lock")  # released: the next run need not take it over
+    proc = prepare(imagenet, out, wait=False)  # then kill -9 after a later shard
+    while not os.path.isdir(out / "shard_00003") and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -302,3 +313,64 @@ def test_resuming_with_other_settings_is_refused(imagenet, prepared):
     proc = prepare(imagenet, prepared, "--dtype=float16", wait=False)
     output = proc.communicate()[0]
     assert proc.returncode != 0 and "other settings (dtype: float32 -> float16)" in output
+
+
+def flip_a_bit(path, offset=-100):
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def cut(path, keep=0.5):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * keep)])
+
+
+def edit_manifest(out, change):
+    with open(out / "manifest.json") as f:
+        manifest = json.load(f)
+    change(manifest)
+    with open(out / "manifest.json", "w") as f:
+        json.dump(manifest, f)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda out: cut(out / "shard_00002" / "moments.npy"), "shard_00002/moments.npy has "),
+    (lambda out: flip_a_bit(out / "shard_00003" / "moments.npy"), "shard_00003/moments.npy does not match the CRC"),
+    (lambda out: flip_a_bit(out / "shard_00000" / "labels.npy", -3), "shard_00000/labels.npy does not match the CRC"),
+    (lambda out: flip_a_bit(out / "shard_00007" / "images.npy", 200), "shard_00007/images.npy does not match the CRC"),
+    (lambda out: os.remove(out / "shard_00005" / "images.npy"), "shard_00005/images.npy is missing"),
+    (lambda out: shutil.rmtree(out / "shard_00001"), "shard_00001/moments.npy is missing"),
+    (lambda out: edit_manifest(out, lambda m: m.update(count=m["count"] + 1)), "it does not match its shards"),
+    (lambda out: edit_manifest(out, lambda m: m["shards"][4].update(count=3)),
+     "shard_00004/moments.npy holds 4 rows, the manifest says 3"),
+], ids=["truncated", "bit flip in latents", "bit flip in labels", "bit flip in crops", "file gone", "shard gone",
+        "manifest count", "manifest shard count"])
+def test_a_damaged_shard_is_named_when_the_directory_is_opened(prepared, tmp_path, damage, message):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    damage(out)
+    with pytest.raises(ValueError) as stop:
+        Latents(str(out), num_eval=3)
+    assert message in str(stop.value) and "prepare_imagenet.py again" in str(stop.value)
+
+
+def test_train_py_refuses_a_damaged_directory_before_training(prepared, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    flip_a_bit(out / "shard_00006" / "moments.npy")
+    with pytest.raises(ValueError, match="shard_00006/moments.npy does not match the CRC"):
+        train_main(train_args([f"--data-path={out}", "--image-size=64", "--model=SiT-S/2", "--depth=2",
+                               "--hidden-size=32", "--num-heads=2", "--precision=fp32", "--global-batch-size=4",
+                               "--max-steps=2", "--eval-samples=3", f"--results-dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_sizes_only_check_still_stops_a_truncated_shard(prepared, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    flip_a_bit(out / "shard_00003" / "moments.npy")
+    Latents(str(out), num_eval=3, crc=False)  # train.py --data-check=sizes: a flipped bit is not read for
+    cut(out / "shard_00002" / "moments.npy")
+    with pytest.raises(ValueError, match="shard_00002/moments.npy has "):
+        Latents(str(out), num_eval=3, crc=False)
