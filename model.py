@@ -250,7 +250,7 @@ class SiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, return_states=False, return_weights=False, states_at=None):
+    def forward(self, x, t, y, return_states=False, return_weights=False, states_at=None, outputs_at=()):
         """Predict the velocity x1 - eps at x_t (t = 0 noise, t = 1 data).
 
         x: (B, C, H, W) the noisy input x_t; t: (B,) in [0, 1]; y: (B,) labels, num_classes = null class.
@@ -259,6 +259,8 @@ class SiT(nn.Module):
                            states_at, blocks k (REPA: (8,)), keeps only those and leaves None for the others
           extras["alpha"]  list of L + 1 tensors (B, T, |S_l|): each aggregator's routing weights (DAR;
                            empty for residual); asking for them runs DAR on the reference path.
+          extras["v"]      with outputs_at (DAR), {l: v_l (B, T, d)}, the outputs of those sublayers (REPA's
+                           --repa-state=summary aligns v_2k, a chunk summary when S divides 2k).
         """
         self._check_inputs(x, t, y)
         v0 = self.x_embedder(x) + self.pos_embed  # (B, T, d)
@@ -268,7 +270,9 @@ class SiT(nn.Module):
         need_z = set(range(1, depth + 1) if states_at is None else states_at) if return_states else set()
         if not need_z <= set(range(1, depth + 1)):
             raise ValueError(f"states_at names blocks 1..{depth}, got {sorted(need_z)}")
-        extras = {"z": [None] * depth, "alpha": []}
+        extras = {"z": [None] * depth, "alpha": [], "v": {}}
+        if outputs_at and (self.config.routing == "residual" or not set(outputs_at) <= set(range(1, 2 * depth + 1))):
+            raise ValueError(f"outputs_at names DAR sublayers 1..{2 * depth}, got {outputs_at} ({self.config.routing})")
         if self.config.routing == "residual":
             h = v0
             for k, block in enumerate(self.blocks, start=1):
@@ -277,15 +281,14 @@ class SiT(nn.Module):
                     extras["z"][k - 1] = h
             out = self.final_layer(h, c)  # (B, T, p * p * C_out)
         else:
-            out = self.forward_dar(v0, c, e, extras, need_z, need_alpha=return_weights)
+            out = self.forward_dar(v0, c, e, extras, need_z, need_alpha=return_weights, need_v=set(outputs_at))
         out = self.unpatchify(out)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]
-        if not (return_states or return_weights):
-            return out
-        return out, {key: extras[key] for key, wanted in (("z", return_states), ("alpha", return_weights)) if wanted}
+        wanted = [k for k, asked in (("z", return_states), ("alpha", return_weights), ("v", outputs_at)) if asked]
+        return (out, {key: extras[key] for key in wanted}) if wanted else out
 
-    def forward_dar(self, v0, c, e, extras, need_z=(), need_alpha=False):
+    def forward_dar(self, v0, c, e, extras, need_z=(), need_alpha=False, need_v=()):
         """The sublayers and the final layer under DAR; returns the final linear's output.
 
         Sublayer l = 1..L (attention for odd l, MLP for even) reads x = modulate(LN(h_l)), h_l the aggregation of
@@ -311,6 +314,8 @@ class SiT(nn.Module):
                 extras["alpha"].append(alpha)
             if l <= L:
                 v[l] = gate.unsqueeze(1) * self._maybe_checkpoint(f[l - 1], x)  # v_l, its adaLN-Zero gate included
+                if l in need_v:
+                    extras["v"][l] = v[l]
                 v = {i: v_i for i, v_i in v.items() if self.routers.last_reader[i] > l}
         return self.final_layer.linear(x)
 

@@ -78,7 +78,8 @@ def parse_args(argv=None):
                    "over global / (GPUs x micro) passes (default: no accumulation)")
     a.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, no weight decay)")
     a.add_argument("--max-steps", type=int, default=400_000, help="optimiser steps to train for")
-    a.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off, as SiT)")
+    a.add_argument("--grad-clip", type=float, help="clip the gradient norm to this; 0: off. Default 0 (SiT), 1.0 "
+                   "with --repa (REPA's max_grad_norm)")
     a.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
     a.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast or plain fp32")
     a.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -88,6 +89,9 @@ def parse_args(argv=None):
     a.add_argument("--repa", action="store_true", help="add REPA's alignment loss (DINOv2-B features)")
     a.add_argument("--repa-encoder", default=repa.DINOV2_URL, help="dinov2_vitb14_pretrain.pth: path or URL")
     a.add_argument("--repa-depth", type=int, help="align z_k after block k (default 8; 4 for S and B models)")
+    a.add_argument("--repa-state", choices=("aggregate", "summary"), default="aggregate", help="under DAR, what "
+                   "REPA aligns after block k: the aggregate block k+1's attention reads (h_2k+1, as the paper's "
+                   "z_k), or block k's MLP output v_2k, the chunk summary every later aggregator reads")
     a.add_argument("--repa-coeff", type=float, default=0.5, help="weight of the alignment loss")
     a = p.add_argument_group("run")
     a.add_argument("--results-dir", help="this run's directory (default: results/<model>-<routing>)")
@@ -118,8 +122,14 @@ def parse_args(argv=None):
                 f"--data={args.data_path} for it, or ./{args.data_path} for a directory of that name")
     if args.final_agg is None:
         args.final_agg = "reuse" if args.repa else "dedicated"
+    if args.grad_clip is None:
+        args.grad_clip = 1.0 if args.repa else 0.0
     if args.repa_depth is None:
         args.repa_depth = 4 if args.model.split("/")[0] in ("SiT-S", "SiT-B") else 8
+    if args.repa and args.repa_state == "summary" and (args.routing == "residual" or 2 * args.repa_depth % args.chunk):
+        p.error(f"--repa-state=summary aligns v_2k, block k's MLP output, which is a chunk summary only under DAR "
+                f"with a --chunk that divides 2 x --repa-depth = {2 * args.repa_depth}: use --repa-state=aggregate, "
+                "or such a --chunk")
     if args.results_dir is None:
         args.results_dir = os.path.join("results", f"{args.model.replace('/', '-')}-{args.routing}")
     ones = ("chunk", "global_batch_size", "micro_batch_size", "log_every", "ckpt_every", "max_steps", "eval_samples",
@@ -147,15 +157,19 @@ class Trainee(nn.Module):
     """What DDP wraps: the SiT and, with REPA, its projector. forward returns the velocity and the projected
     z_k (or None)."""
 
-    def __init__(self, model, projector=None, repa_depth=None):
+    def __init__(self, model, projector=None, repa_depth=None, repa_state="aggregate"):
         super().__init__()
-        self.model, self.projector, self.repa_depth = model, projector, repa_depth
+        self.model, self.projector, self.repa_depth, self.repa_state = model, projector, repa_depth, repa_state
 
     def forward(self, x, t, y):
         if self.projector is None:
             return self.model(x, t, y), None
-        v, extras = self.model(x, t, y, return_states=True, states_at=(self.repa_depth,))  # only z_k is kept
-        return v, self.projector(extras["z"][self.repa_depth - 1])
+        k = self.repa_depth
+        if self.repa_state == "summary":  # v_2k: block k's MLP output, the chunk summary later aggregators read
+            v, extras = self.model(x, t, y, outputs_at=(2 * k,))
+            return v, self.projector(extras["v"][2 * k])
+        v, extras = self.model(x, t, y, return_states=True, states_at=(k,))  # z_k = h_2k+1, the only one kept
+        return v, self.projector(extras["z"][k - 1])
 
 
 def peak_flops(device, precision):
@@ -202,9 +216,10 @@ def main(args):
                              "on 32x32 inputs")
         if not 1 <= args.repa_depth <= model.config.depth:
             raise SystemExit(f"--repa-depth must be in [1, {model.config.depth}]")
+
         projector = repa.projector(model.config.hidden_size).to(device)
         encoder = repa.load_encoder(args.repa_encoder).to(device)
-    trainee = Trainee(model, projector, args.repa_depth)
+    trainee = Trainee(model, projector, args.repa_depth, args.repa_state)
     # The sha256 of every weight file this run started from, kept in its checkpoints.
     weight_files = {flag: dict(source=source, sha256=sha256_of(resolve(source)))
                     for flag, source in (("init_from", args.init_from), ("repa_encoder", args.repa and args.repa_encoder))

@@ -7,12 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import repa
 from data import LATENT_SCALE, Latents, Shapes, write_manifest
 from checkpoint import load_checkpoint, load_model
 from model import SiT
-from train import init_from, main, parse_args
+from train import Trainee, init_from, main, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the scripts are
 
@@ -326,3 +327,24 @@ def test_bench_without_data_times_random_latents_of_imagenet_shape(tmp_path, cap
     main(parse_args([*TINY, "--global-batch-size=4", "--bench", "--image-size=64", f"--results-dir={tmp_path}"]))
     assert "| CPU | SiT-S/4 |" in capsys.readouterr().out
     assert shapes and all(s == (4, 4, 8, 8) and y <= 1000 for s, y in shapes)  # 1000: the null class
+
+
+def test_repa_state_summary_aligns_block_ks_mlp_output_and_aggregate_its_successors_input():
+    torch.manual_seed(0)
+    model = SiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=3, num_heads=2, num_classes=10,
+                routing="static", chunk=2)
+    for p_ in model.parameters():  # away from the zero init, so that every sublayer output differs
+        p_.data.add_(0.05 * torch.randn_like(p_))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 4])
+    seen = {}
+    model.blocks[1].mlp.register_forward_hook(lambda m, i, out: seen.update(f=out))
+    summary = Trainee(model, nn.Identity(), repa_depth=2, repa_state="summary")(x, t, y)[1]
+    gate = model.blocks[1].modulations(model.t_embedder(t) + model.y_embedder(y))[1][2]
+    torch.testing.assert_close(summary, gate.unsqueeze(1) * seen["f"])  # v_4 = gate * MLP(x) of block 2
+    aggregate = Trainee(model, nn.Identity(), repa_depth=2)(x, t, y)[1]
+    torch.testing.assert_close(aggregate, model(x, t, y, return_states=True)[1]["z"][1])
+    assert not torch.allclose(summary, aggregate)
+    with pytest.raises(SystemExit):  # 2 x 1 is no multiple of chunk 4: v_2 is no chunk summary
+        parse_args(["--data=shapes", "--repa", "--repa-state=summary", "--repa-depth=1", "--chunk=4"])
+    assert parse_args(["--data=shapes", "--repa"]).grad_clip == 1.0  # REPA's max_grad_norm
+    assert parse_args(["--data=shapes"]).grad_clip == 0.0
