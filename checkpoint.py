@@ -138,14 +138,14 @@ def weights_of(checkpoint, ema=True):
 #                                   Resuming                                    #
 #################################################################################
 
-def resume(args, ckpt_dir, model, ema, opt, projector, retunable, per_invocation, verbose=True):
+def resume(args, ckpt_dir, model, ema, opt, projector, retunable, per_invocation, verbose=True, added=None):
     """Load the checkpoint that --resume names (resume_source) into the model, EMA, optimiser and projector and
     the CPU generator; returns its step. Of the run's settings (args, as the checkpoint stored them), those named
     in `retunable` may change (printed when verbose), those in `per_invocation` are this command's alone, and
-    every other one defines the run: a checkpoint trained with another value is refused. Drops the log records
-    after the step."""
+    every other one defines the run: a checkpoint trained with another value is refused. `added` maps flags
+    newer than some checkpoints to the value those checkpoints ran with. Drops the log records after the step."""
     source, ckpt = resume_source(args.resume, ckpt_dir)
-    then, now = ckpt["args"], vars(args)
+    then, now = {**(added or {}), **ckpt["args"]}, vars(args)
     differ = lambda keys: {k: (then.get(k), now.get(k)) for k in sorted(keys) if then.get(k) != now.get(k)}
     changed = differ((then.keys() | now.keys()) - set(retunable) - set(per_invocation))
     if changed:

@@ -52,6 +52,7 @@ RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "comp
 PER_INVOCATION = ("results_dir", "resume", "init_from", "data_check", "max_steps", "log_every", "eval_every",
                   "sample_every", "sample_steps", "sample_cfg", "vae", "ckpt_every", "bench", "bench_steps", "traffic",
                   "repa_encoder")  # repa_encoder: where the weights are on this machine (checkpoints keep their sha256)
+ADDED = {"repa_state": "aggregate"}  # run-defining flags added since runs were saved: the value those runs used
 
 
 def parse_args(argv=None):
@@ -230,7 +231,7 @@ def main(args):
 
     ckpt_dir = os.path.join(args.results_dir, "checkpoints")
     if args.resume:
-        step = resume(args, ckpt_dir, model, ema, opt, projector, RETUNABLE, PER_INVOCATION, verbose=master)
+        step = resume(args, ckpt_dir, model, ema, opt, projector, RETUNABLE, PER_INVOCATION, master, ADDED)
     elif not args.bench:
         refuse_used(args.results_dir)
         if args.init_from:

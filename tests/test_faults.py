@@ -499,3 +499,15 @@ def test_init_from_a_checkpoint_of_another_architecture_names_the_first_tensor_t
     args = train.parse_args(["--data=shapes", *wider, "--global-batch-size=4", "--max-steps=1",
                              f"--init-from={ckpt}", f"--results-dir={tmp_path / 'run'}"])
     assert_refused(lambda: train.main(args), "is another architecture: ", run_dir, tmp_path)
+
+
+def test_a_checkpoint_older_than_a_run_defining_flag_resumes_as_that_flag_s_old_value(tmp_path):
+    run_train(tmp_path, steps=3)
+    path = tmp_path / "run" / "checkpoints" / "0000003.pt"
+    ckpt = load_checkpoint(str(path))
+    del ckpt["args"]["repa_state"]  # as a checkpoint written before --repa-state existed
+    save_checkpoint(ckpt, str(path))
+    run_train(tmp_path, "--resume=latest", steps=4)
+    assert (tmp_path / "run" / "checkpoints" / "0000004.pt").exists()
+    with pytest.raises(SystemExit, match="repa_state"):  # its value is still run-defining
+        run_train(tmp_path, "--resume=latest", "--repa-state=summary", steps=5)

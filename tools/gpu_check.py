@@ -231,8 +231,8 @@ def step_part(smoke, workdir):
     import train
 
     tiny = ["--depth=2", "--hidden-size=32", "--num-heads=2", "--image-size=64", "--bench-steps=1"]
-    models = {"SiT-XL/2": ["--model=SiT-S/2", *tiny] if smoke else ["--model=SiT-XL/2", "--bench-steps=10"],
-              "SiT-B/2": ["--model=SiT-S/2", *tiny] if smoke else ["--model=SiT-B/2", "--bench-steps=10"]}
+    models = ({"SiT-XL/2": ["--model=SiT-S/2", *tiny]} if smoke else  # one tiny stand-in for both
+              {name: [f"--model={name}", "--bench-steps=10"] for name in ("SiT-XL/2", "SiT-B/2")})
     batch = "--global-batch-size=2" if smoke else "--global-batch-size=32"
     routings = [("residual", 4), ("static", 4), ("dynamic", 4), ("static", 1)][:2 if smoke else 4]
 
@@ -262,7 +262,7 @@ def step_part(smoke, workdir):
             step_s = float(cells[5])
             base = step_s if routing == "residual" else base
             print(row + (f" {step_s / base:.3f} |" if base else " - |"))
-    xl = models["SiT-XL/2"]
+    xl, b2 = models["SiT-XL/2"], models.get("SiT-B/2", models["SiT-XL/2"])
     print("Peak memory at batch 256 with --grad-checkpoint:")
     print(bench("--global-batch-size=8" if smoke else "--global-batch-size=256", *xl, "--grad-checkpoint",
                 "--routing=static", "--chunk=4", "--bench-steps=1" if smoke else "--bench-steps=3"))
@@ -270,10 +270,10 @@ def step_part(smoke, workdir):
         print("--compile: left out with --smoke (Inductor's CPU compile takes minutes)")
     else:
         print("--compile:")
-        print(bench(batch, *models["SiT-B/2"], "--routing=dynamic", "--chunk=4", "--compile"))
+        print(bench(batch, *b2, "--routing=dynamic", "--chunk=4", "--compile"))
     print("torchrun --nproc_per_node=1 (DDP; NCCL on a GPU, gloo on a CPU):")
     run = subprocess.run(python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
-                                "--bench", batch, *models["SiT-B/2"], "--routing=dynamic", "--chunk=4",
+                                "--bench", batch, *b2, "--routing=dynamic", "--chunk=4",
                                 f"--results-dir={workdir}/torchrun"), cwd=ROOT, capture_output=True, text=True)
     lines = (run.stdout + run.stderr).strip().splitlines()
     print(lines[-1] if run.returncode == 0 and lines else f"failed (exit {run.returncode}): " + "\n".join(lines[-8:]))
@@ -329,17 +329,23 @@ def exact_part(smoke, workdir):
               "--eval-every=0", "--sample-every=0", "--ckpt-every=3",
               "--precision=fp32" if smoke else "--precision=bf16", "--kernel=torch" if smoke else "--kernel=triton"]
 
-    def run(name, steps, *extra):
+    os.makedirs(workdir, exist_ok=True)
+
+    def start(name, steps, *extra):
         cmd = python("train.py", *common, f"--max-steps={steps}", f"--results-dir={workdir}/{name}", *extra)
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            raise SystemExit(f"{' '.join(cmd[1:])} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        err = open(os.path.join(workdir, f"{name}-{steps}.err"), "w+")
+        return name, cmd, err, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+
+    def losses(name, cmd, err, proc):
+        if proc.wait():
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd[1:])} failed (exit {proc.returncode}):\n{err.read()[-3000:]}")
         with open(os.path.join(workdir, name, "log.jsonl")) as f:
             return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
-    a, b = run("a", 6), run("b", 6)
-    run("c", 3)
-    c = run("c", 6, f"--resume={workdir}/c/checkpoints/0000003.pt")
+    first = [start("a", 6), start("b", 6), start("c", 3)]  # at once: they share nothing but the device
+    a, b, _ = (losses(*run) for run in first)
+    c = losses(*start("c", 6, f"--resume={workdir}/c/checkpoints/0000003.pt"))
     print(f"run a:             {a}\nrun b:             {b}\nstopped, resumed:  {c}")
     for label, other in (("two runs", b), ("resumed run", c)):
         differ = [step for (step, x), (_, y) in zip(a, other) if x != y]
