@@ -184,11 +184,15 @@ def torchrun(script, run, *extra, env=None):
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True)
 
 
+SHORT_FLAGS = ("--ckpt-every=2", "--log-every=1", "--eval-every=3", "--eval-samples=8")
+
+
 @pytest.fixture(scope="module")
 def whole_short(tmp_path_factory):
+    """The checkpoints (steps 2, 4, 6) of the short run on one process, uninterrupted."""
     root = tmp_path_factory.mktemp("short")
-    run_train(root, "--ckpt-every=2", "--log-every=1", "--eval-every=3", "--eval-samples=8", name="whole", steps=SHORT)
-    return load_checkpoint(str(root / "whole" / "checkpoints" / f"{SHORT:07d}.pt"))
+    run_train(root, *SHORT_FLAGS, name="whole", steps=SHORT)
+    return {step: load_checkpoint(str(root / "whole" / "checkpoints" / f"{step:07d}.pt")) for step in (2, 4, 6)}
 
 
 def close(a, b, tolerance=1e-4):
@@ -204,8 +208,7 @@ def close(a, b, tolerance=1e-4):
                          ids=["rank 1 in step 3", "rank 1 in the evaluation of step 3", "rank 0 writing checkpoint 4"])
 def test_a_dying_rank_stops_the_others_and_the_run_resumes_on_one_process(tmp_path, whole_short, fault):
     run = tmp_path / "run"
-    proc = torchrun("tests/faulty_train.py", run, "--ckpt-every=2", "--log-every=1", "--eval-every=3",
-                    "--eval-samples=8", f"--max-steps={SHORT}", env={"FAULT": fault})
+    proc = torchrun("tests/faulty_train.py", run, *SHORT_FLAGS, f"--max-steps={SHORT}", env={"FAULT": fault})
     try:
         said = proc.communicate(timeout=120)[0]
     except subprocess.TimeoutExpired:
@@ -215,10 +218,20 @@ def test_a_dying_rank_stops_the_others_and_the_run_resumes_on_one_process(tmp_pa
     left = sorted(os.listdir(run / "checkpoints"))  # checkpoint 4's half file only under its temporary name
     assert left == ["0000002.pt"] + ["0000004.pt.tmp"] * fault.startswith("checkpoint"), said
     # The same run continues on one process (the global batch in one pass) from the last complete checkpoint.
-    run_train(tmp_path, "--ckpt-every=2", "--log-every=1", "--eval-every=3", "--eval-samples=8", "--resume=latest",
-              name="run", steps=SHORT)
+    run_train(tmp_path, *SHORT_FLAGS, "--resume=latest", name="run", steps=SHORT)
     resumed = load_checkpoint(str(run / "checkpoints" / f"{SHORT:07d}.pt"))
-    assert close(resumed["model"], whole_short["model"]) and close(resumed["ema"], whole_short["ema"])
+    assert close(resumed["model"], whole_short[SHORT]["model"]) and close(resumed["ema"], whole_short[SHORT]["ema"])
+
+
+def test_a_one_process_run_resumes_on_two(tmp_path, whole_short):
+    run = tmp_path / "run"
+    run_train(tmp_path, *SHORT_FLAGS, name="run", steps=2)
+    proc = torchrun("train.py", run, *SHORT_FLAGS, "--max-steps=4", "--resume=latest")
+    said = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, said
+    resumed = load_checkpoint(str(run / "checkpoints" / "0000004.pt"))
+    assert close(resumed["model"], whole_short[4]["model"]) and close(resumed["ema"], whole_short[4]["ema"])
+    assert not same(resumed["model"], whole_short[2]["model"])  # it did train on
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_one_process_resumes(tmp_path, whole):
