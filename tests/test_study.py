@@ -28,12 +28,23 @@ def test_study_resumes_run_by_run_and_reports_paired_tables(tmp_path):
     assert study.train(out, tiny=True, log=messages.append) == 2  # only those two
     assert os.path.getmtime(residual_log) == before
     assert any("resumed" in json.loads(line) for line in open(os.path.join(part, "log.jsonl")))
+    study.evaluate(out, tiny=True, log=messages.append)
+    for seed, (ours, theirs) in enumerate([(0.5, 0.3), (0.6, 0.35)]):  # what toy_accuracy.py prints, made up
+        for name, value in (("static c4", ours), ("residual", theirs)):
+            with open(os.path.join(study.run_dir(out, main[name], seed), "toy_accuracy_cfg4.txt"), "w") as f:
+                f.write(f"class accuracy of 400 samples (guidance 4.0, 20 Heun steps): {value}\n"
+                        f"toy FID (the classifier's 128 features, against 400 real shapes): {10 * value}\n")
     study.main(["--out", out, "--tiny", "--report-only", "--publish", str(tmp_path / "published")])
     text = (tmp_path / "published" / "REPORT.md").read_text()
     assert text == (tmp_path / "study" / "REPORT.md").read_text()
     steps, curves = study.curves(out, main["residual"])
     assert steps[-1] == main["residual"].steps and sorted(curves) == [0, 1]
     assert "| residual | 2 | " in text and "| static dense | 2 | " in text and "| 2 (L = 4) | " in text
+    assert "| 4 | residual | 2 | 0.325 | +0.000 [+0.000, +0.000] | 3.25 |" in text
+    assert "| 4 | static c4 | 2 | 0.550 | +0.225 [+0.200, +0.250] | 5.50 | +2.25 [+2.00, +2.50] |" in text
+    distances = json.load(open(os.path.join(study.run_dir(out, main["static c4"], 0), "routing.json")))
+    assert sorted(map(int, distances)) == [2, 4] and all(0 <= d["ema"][0] <= 1 for d in distances.values())
+    assert "| static c4 | 2 | " in text.split("## How far routing moved from uniform")[1]
     for figure in ("curves_eval_loss_ema.png", "curves_eval_loss.png", "chunk_sweep.png"):
         assert (tmp_path / "published" / figure).exists() and f"]({figure})" in text
 
@@ -92,3 +103,22 @@ def test_run_seconds_sums_each_log_line_over_its_rate_across_a_resume(tmp_path):
              dict(step=500, resumed={}), dict(step=750, steps_per_s=1.0)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert study.run_seconds(str(tmp_path)) == 250 / 5.0 + 250 / 2.5 + 250 / 1.0
+
+
+def test_routing_distance_is_zero_at_initialisation_and_grows_with_a_query(tmp_path):
+    import torch
+
+    from checkpoint import save_checkpoint
+    from model import SiT, model_config
+
+    model = SiT(input_size=8, patch_size=4, in_channels=3, hidden_size=16, depth=2, num_heads=2, num_classes=10,
+                routing="dynamic", chunk=1)
+    state = model.state_dict()
+    save_checkpoint({"config": model_config(model), "model": state, "ema": state}, str(tmp_path / "init.pt"))
+    assert study.routing_distance(str(tmp_path / "init.pt"), n=8) == (0.0, 0.0)  # zero queries: uniform weights
+    for p in model.parameters():
+        p.data.add_(0.3 * torch.randn_like(p))
+    state = model.state_dict()
+    save_checkpoint({"config": model_config(model), "model": state, "ema": state}, str(tmp_path / "moved.pt"))
+    uniform, with_t = study.routing_distance(str(tmp_path / "moved.pt"), n=8)
+    assert 0.01 < uniform < 1 and 0 < with_t < 1

@@ -40,3 +40,15 @@ def test_scores_a_checkpoints_samples_per_class(tmp_path, classifier_path, capsy
     assert "| circle | square |" in out and len(per_class) == 10
     assert overall == pytest.approx(sum(per_class) / 10)  # equal classes: the mean of the per-class rates
     assert all(0 <= a <= 1 for a in per_class)
+    assert "toy FID (the classifier's 128 features, against 30 real shapes): " in out
+
+
+def test_toy_fid_is_small_between_real_shapes_and_large_for_noise(classifier_path):
+    import torch
+
+    net = toy_accuracy.load_classifier(16, classifier_path)
+    data = Shapes(size=16, seed=11, num_train=0, num_eval=300)
+    real = data.batch(data.eval)[0]
+    noise = torch.rand(300, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    same, far = toy_accuracy.toy_fid(net, real, 16), toy_accuracy.toy_fid(net, noise, 16)
+    assert 0 <= same < 0.2 * far, (same, far)

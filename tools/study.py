@@ -15,7 +15,9 @@ Two parts, one recipe (RECIPE):
   blocks, S = 1 and S = 4 are the main part's runs read at step 4,000: every draw of a run is a function of
   (seed, step) and the learning rate is constant, so a longer run passes through the shorter one's states.
 Every run logs the held-out loss of its raw and of its EMA weights every 250 steps and keeps a checkpoint
-every 2,500 (from which the routing's distance from uniform is read).
+every 2,500. Then, for the main part: how far routing moved from uniform at each checkpoint, and how much it
+depends on t (routing_distance), and the class accuracy and toy FID (toy_accuracy.py) of the final EMA samples
+at guidance 1 and 4.
 
 Resumable run by run: each run lives in OUT/depth<D>/<name>-s<seed>; one that holds its last checkpoint is
 done and skipped, one stopped part-way continues from its latest checkpoint (train.py --resume=latest,
@@ -335,12 +337,133 @@ def sweep_section(out, tiny):
             "|---|---|---|---|---|---|", *rows, ""]
 
 
+#################################################################################
+#          After training: sample quality, and how far routing moved            #
+#################################################################################
+
+GUIDANCE = (1.0, 4.0)
+
+
+def routing_distance(ckpt, ema=True, ts=(0.1, 0.5, 0.9), n=64):
+    """(how far the routing weights are from uniform, how much they change with t) of a DAR checkpoint: the total
+    variation distance 0.5 sum_i |alpha_i - 1/|S_l||, and 0.5 sum_i |alpha_i(t=0.1) - alpha_i(t=0.9)|, each
+    averaged over aggregators with more than one source, tokens and n held-out images (fixed noise) and, for the
+    first, over t. Both are 0 at initialisation (every query starts at zero); the second is 0 for static DAR."""
+    import torch
+
+    from checkpoint import load_model
+    from data import Shapes
+    from diagnose import batch_at
+
+    model = load_model(ckpt, ema=ema).eval()
+    data = Shapes(size=model.config.input_size, seed=0, num_eval=n)
+    alphas = []
+    for t in ts:
+        xt, _, y = batch_at(data, data.eval, t, 0, "cpu")
+        with torch.no_grad():
+            alphas.append(model(xt, torch.full((n,), t), y, return_weights=True)[1]["alpha"])
+    many = [l for l, a in enumerate(alphas[0]) if a.shape[-1] > 1]
+    uniform = np.mean([0.5 * (a[l] - 1 / a[l].shape[-1]).abs().sum(-1).mean().item() for a in alphas for l in many])
+    with_t = np.mean([0.5 * (alphas[0][l] - alphas[-1][l]).abs().sum(-1).mean().item() for l in many])
+    return float(uniform), float(with_t)
+
+
+def evaluate(out, tiny, log=print):
+    """For the main part's finished runs: the routing distances of every kept checkpoint (DAR; routing.json) and,
+    unless tiny (the classifier takes minutes to train), toy_accuracy.py's class accuracy and toy FID of the
+    final EMA samples at guidance 1 and 4 (toy_accuracy_cfg<g>.txt). Each result is a file, skipped when it
+    exists, so evaluation resumes as training does."""
+    for run in (r for r in plan(tiny) if r.part == "main"):
+        for seed in run.seeds:
+            path = run_dir(out, run, seed)
+            if not finished(path, run.steps):
+                continue
+            if "--routing=residual" not in run.flags and not os.path.exists(os.path.join(path, "routing.json")):
+                distances = {}
+                for ckpt in sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt"))):
+                    step = int(os.path.basename(ckpt)[:-3])
+                    distances[step] = {"ema": routing_distance(ckpt), "raw": routing_distance(ckpt, ema=False)}
+                with open(os.path.join(path, "routing.json"), "w") as f:
+                    json.dump(distances, f)
+            for g in () if tiny else GUIDANCE:
+                file = os.path.join(path, f"toy_accuracy_cfg{g:g}.txt")
+                if not os.path.exists(file):
+                    ckpt = last_checkpoint(path, run.steps)
+                    said = subprocess.run([sys.executable, "toy_accuracy.py", f"--ckpt={ckpt}", f"--cfg-scale={g}"],
+                                          cwd=ROOT, check=True, capture_output=True, text=True)
+                    with open(file, "w") as f:
+                        f.write(said.stdout)
+        log(f"evaluated {run.name}")
+
+
+def quality(path, g):
+    """(class accuracy, toy FID) from a run's toy_accuracy_cfg<g>.txt, or None."""
+    file = os.path.join(path, f"toy_accuracy_cfg{g:g}.txt")
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        lines = f.read().splitlines()
+    value = lambda prefix: float(next(line for line in lines if line.startswith(prefix)).rsplit(": ", 1)[1])
+    return value("class accuracy"), value("toy FID")
+
+
+def quality_section(out, tiny):
+    """Accuracy and toy FID of the final EMA samples per variant and guidance, with the paired difference to
+    residual routing; and the routing distances by step."""
+    main = [r for r in plan(tiny) if r.part == "main"]
+    rows = []
+    for g in GUIDANCE:
+        base = {s: quality(run_dir(out, main[0], s), g) for s in main[0].seeds}
+        for run in main:
+            mine = {s: quality(run_dir(out, run, s), g) for s in run.seeds}
+            seeds = [s for s in run.seeds if mine[s] and base[s]]
+            if not seeds:
+                continue
+            cells = []
+            for i, fmt in ((0, "{:+.3f}"), (1, "{:+.2f}")):
+                pair = {"residual": np.array([base[s][i] for s in seeds]),
+                        "variant": np.array([mine[s][i] for s in seeds])}
+                value = np.mean(pair["variant"])
+                cells.append(f"{value:.3f}" if i == 0 else f"{value:.2f}")
+                cells.append(interval(*paired_bootstrap(mean_difference, pair, draws=2000), fmt=fmt))
+            rows.append(f"| {g:g} | {run.name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    lines = []
+    if rows:
+        lines += ["## Sample quality (final EMA weights; toy_accuracy.py, 400 samples, 20 Heun steps)", "",
+                  "Accuracy: share of samples the shape classifier puts in their class. Toy FID: Frechet distance "
+                  "of the classifier's 128 features of the samples and of 400 real shapes. Differences: variant - "
+                  "residual, paired by seed, seed mean [95% bootstrap].", "",
+                  "| guidance | run | seeds | accuracy | - residual | toy FID | - residual |",
+                  "|---|---|---|---|---|---|---|", *rows, ""]
+    table = []
+    for run in main:
+        found = [json.load(open(p)) for p in (os.path.join(run_dir(out, run, s), "routing.json") for s in run.seeds)
+                 if os.path.exists(p)]
+        if not found:
+            continue
+        steps = sorted(found[0], key=int)
+        cell = lambda step, which, i: np.mean([d[step][which][i] for d in found if step in d])
+        pair = lambda step, i: f"{cell(step, 'ema', i):.3f} ({cell(step, 'raw', i):.3f})"
+        table.append(f"| {run.name} | {len(found)} | " + " | ".join(pair(s, 0) for s in steps)
+                     + f" | {pair(steps[-1], 1)} |")
+    if table:
+        lines += ["## How far routing moved from uniform", "",
+                  "Total variation distance of the routing weights from uniform, averaged over aggregators with more "
+                  "than one source, tokens, 64 held-out images and t in {0.1, 0.5, 0.9}; EMA weights (raw in "
+                  "brackets), seed mean; 0 at step 0. Last column: the distance between the weights at t = 0.1 "
+                  "and t = 0.9 at the last step (0 for static DAR by construction).", "",
+                  "| run | seeds | " + " | ".join(f"step {s}" for s in steps) + " | t = 0.1 vs 0.9 |",
+                  "|---|---|" + "---|" * (len(steps) + 1), *table, ""]
+    return lines
+
+
 def report(out, tiny, window=4):
     """Write OUT/REPORT.md and its figures from the finished runs; returns the Markdown."""
     lines = ["# Study: does DAR converge faster? (toy scale)", "",
              f"`python tools/study.py` (recipe: `{' '.join(TINY if tiny else RECIPE)}`; held-out velocity loss on "
              "fixed images, t and noise).", ""]
     lines += main_section(out, tiny, window)
+    lines += quality_section(out, tiny)
     lines += sweep_section(out, tiny)
     took = [run_seconds(run_dir(out, run, seed)) for run in plan(tiny) for seed in run.seeds
             if finished(run_dir(out, run, seed), run.steps)]
@@ -371,6 +494,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if not args.report_only:
         train(args.out, args.tiny, jobs=args.jobs)
+        evaluate(args.out, args.tiny)
     print(report(args.out, args.tiny))
     if args.publish:
         publish(args.out, args.publish)
