@@ -285,7 +285,8 @@ def run(args, rank, world, device):
                 shutil.rmtree(f"{path}.tmp", ignore_errors=True)  # the remains of an interrupted run
                 start = time.time()
                 encode = lambda tmp: encode_shard(args, vae, device, shard, tmp)  # noqa: E731
-                write_atomically(path, encode, shard_bytes(args, len(shard)), "every finished shard is kept. Free some space and run the same command to continue")
+                write_atomically(path, encode, shard_bytes(args, len(shard)), "every finished shard is kept. Free "
+                                 "some space and run the same command to continue")
                 bar.update(len(shard))
                 bar.set_postfix_str(f"{len(shard) / (time.time() - start):.1f} img/s this rank")
                 if preempt.requested():
