@@ -11,38 +11,47 @@ import pytest
 from tools import study
 
 
-def test_study_resumes_run_by_run_and_reports_paired_tables(tmp_path):
-    out = str(tmp_path / "study")
+def test_study_resumes_run_by_run_records_and_reports_paired_tables(tmp_path):
+    out, record = str(tmp_path / "study"), str(tmp_path / "record")
     messages = []
     jobs = [(run, seed) for run in study.plan(True) for seed in run.seeds]
-    assert study.train(out, tiny=True, log=messages.append, jobs=2) == len(jobs)
+    assert study.train(out, record, tiny=True, log=messages.append, jobs=2) == len(jobs)
     assert all(m.startswith("main") for m in messages[:6])
-    # Stop one run part-way (its last checkpoint gone, as if killed after step 2) and remove another entirely.
     main = {run.name: run for run in study.plan(True) if run.part == "main"}
+    kept = sorted(os.listdir(study.run_dir(record, main["static c4"], 0)))
+    assert kept == ["args.json", "log.jsonl", "routing.json"]  # no checkpoints in the record
+    # Three runs not done: one stopped part-way (its last checkpoint and its record gone, as if killed after step
+    # 2), one trained on a machine whose OUT is gone (a new session: its record gone too), one whose evaluation
+    # did not end (recorded files but no log).
     part = study.run_dir(out, main["static c4"], 1)
     os.remove(study.last_checkpoint(part, main["static c4"].steps))
+    shutil.rmtree(study.run_dir(record, main["static c4"], 1))
     sweep = next(run for run in study.plan(True) if run.part == "sweep")
     shutil.rmtree(study.run_dir(out, sweep, 0))
-    residual_log = os.path.join(study.run_dir(out, main["residual"], 0), "log.jsonl")
+    shutil.rmtree(study.run_dir(record, sweep, 0))
+    os.remove(os.path.join(study.run_dir(record, main["static dense"], 0), "log.jsonl"))
+    residual_log = os.path.join(study.run_dir(record, main["residual"], 0), "log.jsonl")
     before = os.path.getmtime(residual_log)
-    assert study.train(out, tiny=True, log=messages.append) == 2  # only those two
+    assert study.train(out, record, tiny=True, log=messages.append) == 3  # only those three
     assert os.path.getmtime(residual_log) == before
     assert any("resumed" in json.loads(line) for line in open(os.path.join(part, "log.jsonl")))
-    study.evaluate(out, tiny=True, log=messages.append)
+    assert open(os.path.join(study.run_dir(record, main["static c4"], 1), "log.jsonl")).read() == \
+        open(os.path.join(part, "log.jsonl")).read()
+    shutil.rmtree(out)  # the report needs the record only
     for seed, (ours, theirs) in enumerate([(0.5, 0.3), (0.6, 0.35)]):  # what toy_accuracy.py prints, made up
         for name, value in (("static c4", ours), ("residual", theirs)):
-            with open(os.path.join(study.run_dir(out, main[name], seed), "toy_accuracy_cfg4.txt"), "w") as f:
+            with open(os.path.join(study.run_dir(record, main[name], seed), "toy_accuracy_cfg4.txt"), "w") as f:
                 f.write(f"class accuracy of 400 samples (guidance 4.0, 20 Heun steps): {value}\n"
                         f"toy FID (the classifier's 128 features, against 400 real shapes): {10 * value}\n")
-    study.main(["--out", out, "--tiny", "--report-only", "--publish", str(tmp_path / "published")])
+    study.main(["--out", out, "--record", record, "--tiny", "--report-only", "--publish", str(tmp_path / "published")])
     text = (tmp_path / "published" / "REPORT.md").read_text()
     assert text == (tmp_path / "study" / "REPORT.md").read_text()
-    steps, curves = study.curves(out, main["residual"])
+    steps, curves = study.curves(record, main["residual"])
     assert steps[-1] == main["residual"].steps and sorted(curves) == [0, 1]
     assert "| residual | 2 | " in text and "| static dense | 2 | " in text and "| 2 (L = 4) | " in text
     assert "| 4 | residual | 2 | 0.325 | +0.000 [+0.000, +0.000] | 3.25 |" in text
     assert "| 4 | static c4 | 2 | 0.550 | +0.225 [+0.200, +0.250] | 5.50 | +2.25 [+2.00, +2.50] |" in text
-    distances = json.load(open(os.path.join(study.run_dir(out, main["static c4"], 0), "routing.json")))
+    distances = json.load(open(os.path.join(study.run_dir(record, main["static c4"], 0), "routing.json")))
     assert sorted(map(int, distances)) == [2, 4] and all(0 <= d["ema"][0] <= 1 for d in distances.values())
     assert "| static c4 | 2 | " in text.split("## How far routing moved from uniform")[1]
     for figure in ("curves_eval_loss_ema.png", "curves_eval_loss.png", "chunk_sweep.png"):

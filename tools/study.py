@@ -3,7 +3,7 @@ Does DAR converge faster? The paper's convergence claims (8.75x fewer steps to r
 a better final quality, the chunk size's U shape and its sqrt(L) law) tested at toy scale on the CPU: narrow
 SiTs trained on the toy shapes with one recipe, differing only in routing.
 
-    python tools/study.py --jobs=2          every run not yet finished, then the report (about 5 h on 2 cores)
+    python tools/study.py --jobs=2          every run not yet recorded, then the report (about 7 h on 2 cores)
     python tools/study.py --report-only     the report from the runs finished so far
     python tools/study.py --report-only --publish=docs/study    and a copy of it and its figures under docs/
 
@@ -15,13 +15,16 @@ Two parts, one recipe (RECIPE):
   blocks, S = 1 and S = 4 are the main part's runs read at step 4,000: every draw of a run is a function of
   (seed, step) and the learning rate is constant, so a longer run passes through the shorter one's states.
 Every run logs the held-out loss of its raw and of its EMA weights every 250 steps and keeps a checkpoint
-every 2,500. Then, for the main part: how far routing moved from uniform at each checkpoint, and how much it
-depends on t (routing_distance), and the class accuracy and toy FID (toy_accuracy.py) of the final EMA samples
-at guidance 1 and 4.
+every 2,500. As soon as a main run ends: how far its routing moved from uniform at each checkpoint, and how
+much it depends on t (routing_distance), and the class accuracy and toy FID (toy_accuracy.py) of its final EMA
+samples at guidance 1 and 4.
 
-Resumable run by run: each run lives in OUT/depth<D>/<name>-s<seed>; one that holds its last checkpoint is
-done and skipped, one stopped part-way continues from its latest checkpoint (train.py --resume=latest,
-bit-exact), one never started starts. So a stopped study continues where it stopped, across sessions.
+Two directories. OUT (results/study, not tracked) holds the runs' checkpoints while they train; RECORD
+(docs/study/runs, tracked by git) receives each finished run's log and evaluations, a few KB, and the report
+is made from RECORD alone. A run whose record exists is done; one stopped part-way continues from its latest
+checkpoint in OUT (train.py --resume=latest, bit-exact), or from the start when OUT is gone (a new machine);
+one never started starts. So the study continues where it stopped, across sessions, as long as RECORD is
+committed.
 
 The statistics are paired: runs of one seed share data order, t, noise and label drops, so each DAR run is
 compared with the residual run of its seed, and intervals come from resampling seeds (the same draw for
@@ -96,8 +99,9 @@ def sweep_runs(tiny, depth):
     return dict(sorted(out.items()))
 
 
-def run_dir(out, run, seed):
-    return os.path.join(out, f"depth{run.depth}", f"{run.name.replace(' ', '_').replace('=', '')}-s{seed}")
+def run_dir(root, run, seed):
+    """Where one run lives, under OUT (checkpoints) and under RECORD (its log and evaluations) alike."""
+    return os.path.join(root, f"depth{run.depth}", f"{run.name.replace(' ', '_').replace('=', '')}-s{seed}")
 
 
 def last_checkpoint(path, steps):
@@ -105,28 +109,50 @@ def last_checkpoint(path, steps):
 
 
 def finished(path, steps):
-    """Whether the run in `path` holds its last checkpoint."""
+    """Whether the run in `path` (under OUT) holds its last checkpoint."""
     return os.path.exists(last_checkpoint(path, steps))
 
 
-def train(out, tiny, log=print, jobs=1):
-    """Every run not yet finished, `jobs` at a time (each with its share of the CPU's threads: these narrow
-    models run faster as two one-thread processes than as one two-thread one); returns how many were trained
-    (or continued) now."""
+def recorded(record, run, seed):
+    """Whether the run is done: its log is in RECORD (copied last, after its evaluations)."""
+    return os.path.exists(os.path.join(run_dir(record, run, seed), "log.jsonl"))
+
+
+def keep(path, target):
+    """Copy a finished run's small files (not its checkpoints) from OUT to RECORD, the log last and each file
+    through a rename, so that a record with a log is a whole one."""
+    os.makedirs(target, exist_ok=True)
+    names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and n != "log.jsonl")
+    for name in [*names, "log.jsonl"]:
+        shutil.copyfile(os.path.join(path, name), os.path.join(target, name + ".tmp"))
+        os.replace(os.path.join(target, name + ".tmp"), os.path.join(target, name))
+
+
+def train(out, record, tiny, log=print, jobs=1):
+    """Every run not yet recorded, `jobs` at a time (each with its share of the CPU's threads: these narrow
+    models run faster as two one-thread processes than as one two-thread one), each evaluated and recorded as
+    soon as it ends; returns how many were trained (or continued) now."""
     common = TINY if tiny else RECIPE
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     pending = sorted(((run, seed) for run in plan(tiny) for seed in run.seeds  # main first, seed by seed
-                      if not finished(run_dir(out, run, seed), run.steps)), key=lambda j: (j[0].part != "main", j[1]))
+                      if not recorded(record, run, seed)), key=lambda j: (j[0].part != "main", j[1]))
+    if not tiny and any(run.part == "main" for run, _ in pending):
+        from toy_accuracy import load_classifier
+        load_classifier(16, CLASSIFIER)  # trained once, here, before the runs that share it
 
     def one(run, seed):
         path = run_dir(out, run, seed)
-        resume = ["--resume=latest"] if glob.glob(os.path.join(path, "checkpoints", "*.pt")) else []
-        if not resume and os.path.isdir(path):
-            shutil.rmtree(path)  # a run stopped before its first checkpoint: start it again
         start = time.time()
-        subprocess.run([sys.executable, "train.py", *common, f"--depth={run.depth}", *run.flags, f"--seed={seed}",
-                        f"--max-steps={run.steps}", f"--results-dir={path}", *resume], cwd=ROOT, check=True,
-                       capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+        if not finished(path, run.steps):
+            resume = ["--resume=latest"] if glob.glob(os.path.join(path, "checkpoints", "*.pt")) else []
+            if not resume and os.path.isdir(path):
+                shutil.rmtree(path)  # a run stopped before its first checkpoint: start it again
+            subprocess.run([sys.executable, "train.py", *common, f"--depth={run.depth}", *run.flags,
+                            f"--seed={seed}", f"--max-steps={run.steps}", f"--results-dir={path}", *resume], cwd=ROOT,
+                           check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+        if run.part == "main":
+            evaluate(path, run, tiny, threads)
+        keep(path, run_dir(record, run, seed))
         log(f"{run.part} depth {run.depth} {run.name} seed {seed}: {time.time() - start:.0f} s")
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -140,13 +166,13 @@ def train(out, tiny, log=print, jobs=1):
     return len(pending)
 
 
-def curves(out, run, key="eval_loss_ema", upto=None):
+def curves(record, run, key="eval_loss_ema", upto=None):
     """(steps, {seed: losses at those steps}) of the run's seeds whose logs reach `upto` (default: its last
     step), each cut at `upto`; key: "eval_loss_ema" or "eval_loss" (the raw weights)."""
     upto = upto or run.steps
     by_seed = {}
     for seed in run.seeds:
-        path = os.path.join(run_dir(out, run, seed), "log.jsonl")
+        path = os.path.join(run_dir(record, run, seed), "log.jsonl")
         if not os.path.exists(path):
             continue
         with open(path) as f:
@@ -256,7 +282,7 @@ def interval(value, low, high, share, fmt="{:.2f}"):
     return text + (f" ({share:.0%} of draws reach it)" if share < 1 else "")
 
 
-def main_section(out, tiny, window):
+def main_section(record, out, tiny, window):
     """The headline tables (steps to reach residual's final loss; paired differences at fixed steps) and the
     loss curves with seed bands, from the main part's finished runs."""
     from diagnose import line_plot
@@ -265,13 +291,13 @@ def main_section(out, tiny, window):
     base = main[0]
     lines = []
     for key, weights in (("eval_loss_ema", "EMA"), ("eval_loss", "raw")):
-        steps, residual = curves(out, base, key)
+        steps, residual = curves(record, base, key)
         if not residual:
             return ["The main part has no finished residual run yet."]
         series, rows, diffs = [], [], []
         checkpoints = [s for s in (1000, 2500, 5000, base.steps) if s in steps]
         for run in main:
-            _, theirs = curves(out, run, key)
+            _, theirs = curves(record, run, key)
             seeds = sorted(set(theirs) & set(residual))
             if not seeds:
                 continue
@@ -301,7 +327,7 @@ def main_section(out, tiny, window):
     return lines
 
 
-def sweep_section(out, tiny):
+def sweep_section(record, out, tiny):
     """Loss against S at every depth (OUT/chunk_sweep.png) and where it is lowest, against Eq. 9's optimum."""
     from diagnose import line_plot
 
@@ -310,7 +336,7 @@ def sweep_section(out, tiny):
         sweep = {}
         for s, run in sweep_runs(tiny, depth).items():
             upto = min(r.steps for r in sweep_runs(tiny, depth).values())
-            steps, by_seed = curves(out, run, upto=upto)
+            steps, by_seed = curves(record, run, upto=upto)
             if by_seed:
                 sweep[s] = [c[-1] for c in by_seed.values()]
         if not sweep:
@@ -342,6 +368,7 @@ def sweep_section(out, tiny):
 #################################################################################
 
 GUIDANCE = (1.0, 4.0)
+CLASSIFIER = os.path.join(ROOT, "results", "shapes_classifier_16px.pt")  # toy_accuracy.py's, for 16px shapes
 
 
 def routing_distance(ckpt, ema=True, ts=(0.1, 0.5, 0.9), n=64):
@@ -368,32 +395,26 @@ def routing_distance(ckpt, ema=True, ts=(0.1, 0.5, 0.9), n=64):
     return float(uniform), float(with_t)
 
 
-def evaluate(out, tiny, log=print):
-    """For the main part's finished runs: the routing distances of every kept checkpoint (DAR; routing.json) and,
+def evaluate(path, run, tiny, threads="1"):
+    """One finished main run in `path`: the routing distances of every kept checkpoint (DAR; routing.json) and,
     unless tiny (the classifier takes minutes to train), toy_accuracy.py's class accuracy and toy FID of the
     final EMA samples at guidance 1 and 4 (toy_accuracy_cfg<g>.txt). Each result is a file, skipped when it
-    exists, so evaluation resumes as training does."""
-    for run in (r for r in plan(tiny) if r.part == "main"):
-        for seed in run.seeds:
-            path = run_dir(out, run, seed)
-            if not finished(path, run.steps):
-                continue
-            if "--routing=residual" not in run.flags and not os.path.exists(os.path.join(path, "routing.json")):
-                distances = {}
-                for ckpt in sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt"))):
-                    step = int(os.path.basename(ckpt)[:-3])
-                    distances[step] = {"ema": routing_distance(ckpt), "raw": routing_distance(ckpt, ema=False)}
-                with open(os.path.join(path, "routing.json"), "w") as f:
-                    json.dump(distances, f)
-            for g in () if tiny else GUIDANCE:
-                file = os.path.join(path, f"toy_accuracy_cfg{g:g}.txt")
-                if not os.path.exists(file):
-                    ckpt = last_checkpoint(path, run.steps)
-                    said = subprocess.run([sys.executable, "toy_accuracy.py", f"--ckpt={ckpt}", f"--cfg-scale={g}"],
-                                          cwd=ROOT, check=True, capture_output=True, text=True)
-                    with open(file, "w") as f:
-                        f.write(said.stdout)
-        log(f"evaluated {run.name}")
+    exists."""
+    if "--routing=residual" not in run.flags and not os.path.exists(os.path.join(path, "routing.json")):
+        distances = {}
+        for ckpt in sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt"))):
+            step = int(os.path.basename(ckpt)[:-3])
+            distances[step] = {"ema": routing_distance(ckpt), "raw": routing_distance(ckpt, ema=False)}
+        with open(os.path.join(path, "routing.json"), "w") as f:
+            json.dump(distances, f)
+    for g in () if tiny else GUIDANCE:
+        file = os.path.join(path, f"toy_accuracy_cfg{g:g}.txt")
+        if not os.path.exists(file):
+            said = subprocess.run([sys.executable, "toy_accuracy.py", f"--ckpt={last_checkpoint(path, run.steps)}",
+                                   f"--cfg-scale={g}", f"--classifier={CLASSIFIER}"], cwd=ROOT, check=True,
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+            with open(file, "w") as f:
+                f.write(said.stdout)
 
 
 def quality(path, g):
@@ -407,15 +428,15 @@ def quality(path, g):
     return value("class accuracy"), value("toy FID")
 
 
-def quality_section(out, tiny):
+def quality_section(record, tiny):
     """Accuracy and toy FID of the final EMA samples per variant and guidance, with the paired difference to
     residual routing; and the routing distances by step."""
     main = [r for r in plan(tiny) if r.part == "main"]
     rows = []
     for g in GUIDANCE:
-        base = {s: quality(run_dir(out, main[0], s), g) for s in main[0].seeds}
+        base = {s: quality(run_dir(record, main[0], s), g) for s in main[0].seeds}
         for run in main:
-            mine = {s: quality(run_dir(out, run, s), g) for s in run.seeds}
+            mine = {s: quality(run_dir(record, run, s), g) for s in run.seeds}
             seeds = [s for s in run.seeds if mine[s] and base[s]]
             if not seeds:
                 continue
@@ -437,7 +458,7 @@ def quality_section(out, tiny):
                   "|---|---|---|---|---|---|---|", *rows, ""]
     table = []
     for run in main:
-        found = [json.load(open(p)) for p in (os.path.join(run_dir(out, run, s), "routing.json") for s in run.seeds)
+        found = [json.load(open(p)) for p in (os.path.join(run_dir(record, run, s), "routing.json") for s in run.seeds)
                  if os.path.exists(p)]
         if not found:
             continue
@@ -457,16 +478,16 @@ def quality_section(out, tiny):
     return lines
 
 
-def report(out, tiny, window=4):
-    """Write OUT/REPORT.md and its figures from the finished runs; returns the Markdown."""
+def report(record, out, tiny, window=4):
+    """Write OUT/REPORT.md and its figures from the runs in RECORD; returns the Markdown."""
     lines = ["# Study: does DAR converge faster? (toy scale)", "",
              f"`python tools/study.py` (recipe: `{' '.join(TINY if tiny else RECIPE)}`; held-out velocity loss on "
              "fixed images, t and noise).", ""]
-    lines += main_section(out, tiny, window)
-    lines += quality_section(out, tiny)
-    lines += sweep_section(out, tiny)
-    took = [run_seconds(run_dir(out, run, seed)) for run in plan(tiny) for seed in run.seeds
-            if finished(run_dir(out, run, seed), run.steps)]
+    lines += main_section(record, out, tiny, window)
+    lines += quality_section(record, tiny)
+    lines += sweep_section(record, out, tiny)
+    took = [run_seconds(run_dir(record, run, seed)) for run in plan(tiny) for seed in run.seeds
+            if recorded(record, run, seed)]
     lines += [f"Training time of the {len(took)} finished runs, summed: {sum(took):.0f} s ({sum(took) / 3600:.1f} "
               "hours; from the logs' steps/s; `--jobs=2` halves the wall-clock time).", ""]
     text = "\n".join(lines)
@@ -485,7 +506,9 @@ def publish(out, where):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", default="results/study", help="the study's directory (runs, report, figures)")
+    p.add_argument("--out", default="results/study", help="the runs' checkpoints while they train, the report")
+    p.add_argument("--record", default="docs/study/runs",
+                   help="each finished run's log and evaluations (commit it: the study continues from it)")
     p.add_argument("--report-only", action="store_true", help="no training: the report of the runs finished so far")
     p.add_argument("--tiny", action="store_true", help="a seconds-long study for the tests")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, sharing the CPU's cores")
@@ -493,9 +516,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if not args.report_only:
-        train(args.out, args.tiny, jobs=args.jobs)
-        evaluate(args.out, args.tiny)
-    print(report(args.out, args.tiny))
+        train(args.out, args.record, args.tiny, jobs=args.jobs)
+    print(report(args.record, args.out, args.tiny))
     if args.publish:
         publish(args.out, args.publish)
 
