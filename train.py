@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import repa
 from checkpoint import (checkpoints_by_step, init_from, nonfinite_tensors, refuse_used, resolve, resume,
                         save_checkpoint, sha256_of)
-from cli import HelpFormatter, Preemption, check_values, setup_distributed
+from cli import HelpFormatter, Preemption, check_values, close_distributed, setup_distributed
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
 from data import Latents, Stream, load_data
 from diagnose import heat_maps, routing_maps
@@ -321,12 +321,8 @@ def main(args):
                 path = path if saved else save(step)
                 if log:
                     write_log(log, dict(step=step, preempted=preempt.signal.name if preempt.signal else "another rank"))
-                if world > 1:
-                    dist.destroy_process_group()
                 preempt.stop(f"stopped at step {step} with its checkpoint {path}; continue the run with the same "
                              "command and --resume=latest")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def train_step(args, module, opt, data, draw, mine, micro, accum, encoder, autocast, null_class):
@@ -475,4 +471,9 @@ if __name__ == "__main__":
     if args.traffic:  # the byte counter (tools/traffic.py) imports this file, so it runs as a process of its own
         here = os.path.dirname(os.path.abspath(__file__))
         sys.exit(subprocess.call([sys.executable, os.path.join(here, "tools", "traffic.py"), *sys.argv[1:]]))
-    main(args)
+    try:
+        main(args)
+    except SystemExit:  # a stop every rank makes at the same point (preemption, a non-finite loss, a refusal)
+        close_distributed()
+        raise
+    close_distributed()
