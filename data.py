@@ -277,10 +277,10 @@ def load_data(name_or_path, image_size=None, seed=0, num_eval=1_000, crc=True):
 class Stream:
     """The global batch of step s and every random draw that goes with it, as a function of (seed, s).
     The data order is a fresh permutation of the training indices every epoch (the last partial batch of an
-    epoch is dropped)."""
+    epoch is dropped). t is uniform on [0, 1], or with lognormal=(m, s) sigmoid(m + s n), n ~ N(0, 1)."""
 
-    def __init__(self, data, global_batch, seed, device):
-        self.data, self.G, self.seed, self.device = data, global_batch, seed, device
+    def __init__(self, data, global_batch, seed, device, lognormal=None):
+        self.data, self.G, self.seed, self.device, self.lognormal = data, global_batch, seed, device, lognormal
         self.train = torch.as_tensor(np.asarray(data.train))
         self.steps_per_epoch = len(self.train) // global_batch
         if self.steps_per_epoch == 0:
@@ -296,7 +296,8 @@ class Stream:
         shape, dev = (self.G, self.data.channels, self.data.size, self.data.size), self.device
         return dict(
             indices=self.order[pos * self.G:(pos + 1) * self.G],
-            t=torch.rand(self.G, generator=g, device=dev),
+            t=torch.rand(self.G, generator=g, device=dev) if self.lognormal is None else
+            torch.sigmoid(self.lognormal[0] + self.lognormal[1] * torch.randn(self.G, generator=g, device=dev)),
             drop=torch.rand(self.G, generator=g, device=dev) < drop_prob,  # labels -> null class
             flip=torch.rand(self.G, generator=g, device=dev) < 0.5,  # latents only
             eps=torch.randn(shape, generator=g, device=dev),  # the interpolant's noise

@@ -52,7 +52,8 @@ RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "comp
 PER_INVOCATION = ("results_dir", "resume", "init_from", "data_check", "max_steps", "log_every", "eval_every",
                   "sample_every", "sample_steps", "sample_cfg", "vae", "ckpt_every", "bench", "bench_steps", "traffic",
                   "repa_encoder")  # repa_encoder: where the weights are on this machine (checkpoints keep their sha256)
-ADDED = {"repa_state": "aggregate"}  # run-defining flags added since runs were saved: the value those runs used
+ADDED = {"repa_state": "aggregate", "warmup_steps": 0, "weight_decay": 0.0, "adam_betas": [0.9, 0.999],
+         "t_sampling": "uniform", "t_lognormal": [0.0, 1.0]}  # flags added since runs were saved: what those used
 
 
 def parse_args(argv=None):
@@ -77,7 +78,17 @@ def parse_args(argv=None):
     a.add_argument("--global-batch-size", type=int, default=1024, help="images per optimiser step, all GPUs")
     a.add_argument("--micro-batch-size", type=int, help="images per GPU per forward; the gradient accumulates "
                    "over global / (GPUs x micro) passes (default: no accumulation)")
-    a.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, no weight decay)")
+    a.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant after any warm-up)")
+    a.add_argument("--warmup-steps", type=int, default=0, help="raise the rate linearly from lr/N to lr over the "
+                   "first N steps (LightningDiT); 0: none (SiT, REPA, the paper)")
+    a.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (SiT: 0)")
+    a.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
+                   help="AdamW's betas (SiT and REPA: 0.9 0.999; LightningDiT: 0.9 0.95)")
+    a.add_argument("--t-sampling", choices=("uniform", "lognormal"), default="uniform", help="how training draws "
+                   "t: uniform on [0, 1] (SiT), or logit-normal, t = sigmoid(m + s n) with n ~ N(0, 1) (LightningDiT's "
+                   "'lognorm', SD3), which puts more steps at mid t")
+    a.add_argument("--t-lognormal", type=float, nargs=2, default=[0.0, 1.0], metavar=("M", "S"),
+                   help="with --t-sampling=lognormal: the m and s of sigmoid(m + s n)")
     a.add_argument("--max-steps", type=int, default=400_000, help="optimiser steps to train for")
     a.add_argument("--grad-clip", type=float, help="clip the gradient norm to this; 0: off. Default 0 (SiT), 1.0 "
                    "with --repa (REPA's max_grad_norm)")
@@ -133,9 +144,14 @@ def parse_args(argv=None):
                 "or such a --chunk")
     if args.results_dir is None:
         args.results_dir = os.path.join("results", f"{args.model.replace('/', '-')}-{args.routing}")
+    if not (0 <= args.adam_betas[0] < 1 and 0 <= args.adam_betas[1] < 1):
+        p.error(f"--adam-betas {args.adam_betas[0]} {args.adam_betas[1]}: each must lie in [0, 1), e.g. 0.9 0.999")
+    if args.t_lognormal[1] <= 0:
+        p.error(f"--t-lognormal's S is {args.t_lognormal[1]}: it is a standard deviation, give one above 0")
     ones = ("chunk", "global_batch_size", "micro_batch_size", "log_every", "ckpt_every", "max_steps", "eval_samples",
             "sample_steps", "bench_steps", "depth", "hidden_size", "num_heads", "image_size", "repa_depth")
     check_values(p, args, at_least={**dict.fromkeys(ones, 1), "eval_every": 0, "sample_every": 0, "grad_clip": 0.0,
+                                    "warmup_steps": 0, "weight_decay": 0.0,
                                     "repa_coeff": 0.0, "sample_cfg": 0.0}, positive=("lr",),
                  within={"ema_decay": (0.0, 1.0)}, readable=("init_from", "repa_encoder", "vae"),
                  writable=("results_dir",))
@@ -226,7 +242,8 @@ def main(args):
                     for flag, source in (("init_from", args.init_from), ("repa_encoder", args.repa and args.repa_encoder))
                     if source and source != "random"}
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(trainee.parameters(), lr=args.lr, weight_decay=0)
+    opt = torch.optim.AdamW(trainee.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
+                            weight_decay=args.weight_decay)
     step = 0
 
     ckpt_dir = os.path.join(args.results_dir, "checkpoints")
@@ -252,7 +269,8 @@ def main(args):
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{args.model} {args.routing} c{args.chunk}: {n_params / 1e6:.2f}M parameters; {world} process(es), "
               f"{per_rank} images each per step in {accum} pass(es); {device}, {args.precision}")
-    stream = Stream(data, args.global_batch_size, args.seed, device)
+    stream = Stream(data, args.global_batch_size, args.seed, device,
+                    args.t_lognormal if args.t_sampling == "lognormal" else None)
     log = open(os.path.join(args.results_dir, "log.jsonl"), "a") if master else None
     if log and args.resume:
         log.write(json.dumps(dict(step=step, resumed=vars(args))) + "\n")
@@ -282,6 +300,9 @@ def main(args):
     with Preemption() as preempt:
         while step < args.max_steps:
             draw = stream.draw(step, model.config.class_dropout_prob)
+            if args.warmup_steps:  # set every step: a resume continues the ramp where it was
+                for group in opt.param_groups:
+                    group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
             mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
             losses, grad_norm = train_step(args, module, opt, data, draw, mine, micro, accum, encoder, autocast,
                                            model.config.num_classes)
@@ -378,9 +399,9 @@ def stop_unless_finite(loss, grads_finite, step, ckpt_dir, what=None):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, every parameter and buffer (pos_embed too, as SiT)."""
-    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
-        e.lerp_(p, 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, every parameter and buffer (pos_embed too, as SiT), in one
+    foreach call (a few kernels, not one per tensor; the same arithmetic as a lerp_ each)."""
+    torch._foreach_lerp_(list(ema.state_dict().values()), list(model.state_dict().values()), 1 - decay)
 
 
 @torch.no_grad()

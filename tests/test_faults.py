@@ -102,9 +102,13 @@ def assert_refused(fn, message, *roots, capsys=None):
     ("--init-from=missing.pt", "--init-from missing.pt: no such file or directory"),
     ("--vae=missing/vae.safetensors", "--vae missing/vae.safetensors: no such file or directory"),
     ("--repa-encoder=missing.pth", "--repa-encoder missing.pth: no such file or directory"),
+    ("--warmup-steps=-1", "--warmup-steps must be at least 0"),
+    ("--weight-decay=-0.1", "--weight-decay must be at least 0.0"),
+    ("--adam-betas 0.9 1.0", "--adam-betas 0.9 1.0: each must lie in [0, 1)"),
+    ("--t-sampling=lognormal --t-lognormal 0 0", "--t-lognormal's S is 0.0: it is a standard deviation"),
 ])
 def test_bad_counts_are_refused_before_anything_is_created(tmp_path, capsys, flag, message):
-    assert_refused(lambda: run_train(tmp_path, flag), message, tmp_path, capsys=capsys)
+    assert_refused(lambda: run_train(tmp_path, *flag.split(" ")), message, tmp_path, capsys=capsys)
     assert not (tmp_path / "run").exists()
 
 
@@ -505,7 +509,8 @@ def test_a_checkpoint_older_than_a_run_defining_flag_resumes_as_that_flag_s_old_
     run_train(tmp_path, steps=3)
     path = tmp_path / "run" / "checkpoints" / "0000003.pt"
     ckpt = load_checkpoint(str(path))
-    del ckpt["args"]["repa_state"]  # as a checkpoint written before --repa-state existed
+    for flag in train.ADDED:  # as a checkpoint written before these flags existed
+        del ckpt["args"][flag]
     save_checkpoint(ckpt, str(path))
     run_train(tmp_path, "--resume=latest", steps=4)
     assert (tmp_path / "run" / "checkpoints" / "0000004.pt").exists()

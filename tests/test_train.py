@@ -348,3 +348,61 @@ def test_repa_state_summary_aligns_block_ks_mlp_output_and_aggregate_its_success
         parse_args(["--data=shapes", "--repa", "--repa-state=summary", "--repa-depth=1", "--chunk=4"])
     assert parse_args(["--data=shapes", "--repa"]).grad_clip == 1.0  # REPA's max_grad_norm
     assert parse_args(["--data=shapes"]).grad_clip == 0.0
+
+
+#################################################################################
+#                    Recipe knobs (REPA, LightningDiT); EMA                     #
+#################################################################################
+
+def test_recipe_defaults_are_the_papers():
+    args = parse_args(["--data=shapes"])
+    assert (args.warmup_steps, args.weight_decay, args.adam_betas, args.t_sampling) == (0, 0.0, [0.9, 0.999],
+                                                                                         "uniform")
+
+
+def test_warm_up_betas_and_weight_decay_reach_the_optimiser_and_a_resume_continues_the_ramp(tmp_path):
+    knobs = ("--warmup-steps=4", "--weight-decay=0.05", "--adam-betas", "0.8", "0.95")
+    full = losses(train(tmp_path, *knobs, name="full"))
+    for step, lr in ((3, 1e-3 * 3 / 4), (6, 1e-3)):  # the rate of the last step taken: 3 of 4 warm-up steps, then lr
+        group = load_checkpoint(str(tmp_path / "full" / "checkpoints" / f"{step:07d}.pt"))["opt"]["param_groups"][0]
+        assert group["lr"] == pytest.approx(lr) and group["weight_decay"] == 0.05 and tuple(group["betas"]) == (0.8, 0.95)
+    train(tmp_path, *knobs, name="split", steps=3)
+    assert losses(train(tmp_path, *knobs, "--resume=latest", name="split")) == full
+    assert losses(train(tmp_path, name="plain"))[1:] != full[1:]  # step 1 differs only by its rate's scale
+
+
+def test_t_is_uniform_by_default_and_logit_normal_on_request():
+    from data import Stream
+
+    data = Shapes(size=4, seed=0, num_train=512, num_eval=8)
+    uniform = Stream(data, 512, 3, torch.device("cpu")).draw(5, 0.1)["t"]
+    torch.testing.assert_close(uniform, torch.rand(512, generator=torch.Generator().manual_seed(3 * 1_000_003 + 5)),
+                               rtol=0, atol=0)  # the draw every earlier run made
+    stream = Stream(data, 512, 3, torch.device("cpu"), lognormal=(0.5, 0.8))
+    t = torch.cat([stream.draw(s, 0.1)["t"] for s in range(20)])
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean() - 0.5) < 0.03 and abs(logit.std() - 0.8) < 0.03 and 0 < t.min() and t.max() < 1
+
+
+def test_the_t_sampling_flag_reaches_the_draws(tmp_path):
+    uniform = losses(train(tmp_path, name="uniform", steps=2))
+    assert losses(train(tmp_path, "--t-sampling=lognormal", "--t-lognormal", "0", "1", name="lognormal", steps=2)) \
+        != uniform
+
+
+def test_ema_update_is_a_lerp_of_every_parameter_and_buffer():
+    from train import update_ema
+
+    torch.manual_seed(0)
+    model = SiT(input_size=8, patch_size=4, in_channels=3, hidden_size=16, depth=2, num_heads=2, num_classes=10,
+                routing="dynamic", chunk=2)
+    ema = SiT(input_size=8, patch_size=4, in_channels=3, hidden_size=16, depth=2, num_heads=2, num_classes=10,
+              routing="dynamic", chunk=2)
+    for p_ in [*model.parameters(), *model.buffers()]:
+        p_.data.normal_()
+    expected = {k: e.clone().lerp_(p_, 1 - 0.99) for (k, e), p_ in zip(ema.state_dict().items(),
+                                                                      model.state_dict().values())}
+    update_ema(ema, model, 0.99)
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
+    assert any("pos_embed" in k for k in expected)  # a buffer, averaged too
