@@ -256,7 +256,9 @@ def init_from(model, source):
     """Load a checkpoint's weights as a starting point. Residual routing loads strictly. DAR loads the SiT
     weights strictly and the routers only from a checkpoint with the same routing, chunk and final aggregator;
     otherwise the routers start as at step 0 (the paper applies DAR when fine-tuning existing models). With
-    routing="explicit" the loaded timestep embedder is kept, so e(t) is not zero at the start."""
+    routing="explicit" the loaded timestep embedder is kept, so e(t) is not zero at the start. A checkpoint with
+    another number of classes (or without the null class) cannot lend its label table: the table starts fresh,
+    as at step 0, and every other weight is loaded; it says so."""
     checkpoint = load_checkpoint(source)
     state = weights_of(checkpoint) if isinstance(checkpoint, dict) else {}
     if not (isinstance(state, dict) and any(k.endswith("x_embedder.proj.weight") for k in state)):
@@ -265,6 +267,13 @@ def init_from(model, source):
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     cfg = model.config
     ours = model.state_dict()
+    table = "y_embedder.embedding_table.weight"
+    fresh = set()  # what keeps its initial values
+    if table in state and state[table].shape[1:] == ours[table].shape[1:] and state[table].shape != ours[table].shape:
+        theirs_rows, our_rows = state[table].shape[0], ours[table].shape[0]
+        print(f"--init-from={source}: its label table has {theirs_rows} rows and this model's {our_rows} (classes, "
+              "then the null class if there is one): the label table starts fresh, every other weight is loaded")
+        state, fresh = {k: v for k, v in state.items() if k != table}, {table}
     wrong = [(k, tuple(v.shape), tuple(ours[k].shape)) for k, v in state.items()
              if k in ours and v.shape != ours[k].shape]
     if wrong:
@@ -274,12 +283,11 @@ def init_from(model, source):
                          f"--hidden-size, --num-heads and --image-size it was trained with")
     theirs = checkpoint.get("config", {}) if isinstance(checkpoint.get("config"), dict) else {}
     same_routing = all(theirs.get(k) == getattr(cfg, k) for k in ("routing", "chunk", "final_agg"))
-    if cfg.routing == "residual" or same_routing:
-        model.load_state_dict(state, strict=True)
-        return
-    shared = {k: v for k, v in state.items() if not k.startswith("routers.")}
-    missing, unexpected = model.load_state_dict(shared, strict=False)
-    if unexpected or any(not k.startswith("routers.") for k in missing):
+    if not (cfg.routing == "residual" or same_routing):
+        state = {k: v for k, v in state.items() if not k.startswith("routers.")}
+        fresh |= {k for k in ours if k.startswith("routers.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - fresh:
         raise ValueError(f"{source} does not fit {cfg}: missing {missing}, unexpected {unexpected}")
 
 

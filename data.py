@@ -270,6 +270,23 @@ def load_data(name_or_path, image_size=None, seed=0, num_eval=1_000, crc=True):
     return data
 
 
+class OneClass:
+    """A dataset with its labels ignored, for unconditional training (train.py --unconditional): one class, and
+    every label 0."""
+
+    num_classes = 1
+
+    def __init__(self, data):
+        self.data = data
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def batch(self, *args, **kwargs):
+        x, y, images = self.data.batch(*args, **kwargs)
+        return x, torch.zeros_like(y), images
+
+
 #################################################################################
 #                          The training stream                                  #
 #################################################################################

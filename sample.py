@@ -235,6 +235,9 @@ def main(args):
     rank, world, device = setup_distributed()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model = load_model(args.ckpt, ema=not args.no_ema).to(device).eval()
+    if args.cfg_scale != 1 and model.config.class_dropout_prob == 0:
+        raise SystemExit(f"{args.ckpt} was trained without a null class (--class-dropout=0 or --unconditional), "
+                         f"and guidance needs one: use --cfg-scale=1, not {args.cfg_scale}")
     vae = load_vae(args.vae).to(device) if model.config.in_channels == 4 else None
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 

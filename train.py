@@ -36,7 +36,7 @@ from checkpoint import (checkpoints_by_step, init_from, nonfinite_tensors, refus
                         save_checkpoint, sha256_of)
 from cli import HelpFormatter, Preemption, check_values, close_distributed, setup_distributed
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
-from data import Latents, Stream, load_data
+from data import Latents, OneClass, Stream, load_data
 from diagnose import heat_maps, routing_maps
 from model import SiT_models, forward_flops, interpolate, model_config
 from sample import decode, sample_ode, save_grid
@@ -52,7 +52,7 @@ RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "comp
 PER_INVOCATION = ("results_dir", "resume", "init_from", "data_check", "max_steps", "log_every", "eval_every",
                   "sample_every", "sample_steps", "sample_cfg", "vae", "ckpt_every", "bench", "bench_steps", "traffic",
                   "repa_encoder")  # repa_encoder: where the weights are on this machine (checkpoints keep their sha256)
-ADDED = {"repa_state": "aggregate", "warmup_steps": 0, "weight_decay": 0.0, "adam_betas": [0.9, 0.999],
+ADDED = {"repa_state": "aggregate", "class_dropout": 0.1, "unconditional": False, "warmup_steps": 0, "weight_decay": 0.0, "adam_betas": [0.9, 0.999],
          "t_sampling": "uniform", "t_lognormal": [0.0, 1.0]}  # flags added since runs were saved: what those used
 
 
@@ -74,6 +74,10 @@ def parse_args(argv=None):
     a.add_argument("--data-check", choices=("crc", "sizes"), default="crc", help="on opening --data-path, rank 0 "
                    "checks every shard's CRC (a read of the whole dataset) or only sizes and row counts")
     a.add_argument("--image-size", type=int, help="image size: 256 for ImageNet latents, 32 (default) for shapes")
+    a.add_argument("--class-dropout", type=float, help="how often a label is dropped to the null class, which "
+                   "classifier-free guidance needs (default 0.1, SiT's); 0: no null class, so no guidance")
+    a.add_argument("--unconditional", action="store_true", help="ignore the labels: one class, no null class, "
+                   "no guidance (sample grids use guidance 1)")
     a = p.add_argument_group("optimisation")
     a.add_argument("--global-batch-size", type=int, default=1024, help="images per optimiser step, all GPUs")
     a.add_argument("--micro-batch-size", type=int, help="images per GPU per forward; the gradient accumulates "
@@ -132,6 +136,10 @@ def parse_args(argv=None):
     if args.data_path in ("shapes", "random"):
         p.error(f"--data-path={args.data_path} would name a built-in data set, not a directory: use "
                 f"--data={args.data_path} for it, or ./{args.data_path} for a directory of that name")
+    if args.class_dropout is None:
+        args.class_dropout = 0.0 if args.unconditional else 0.1
+    elif args.unconditional and args.class_dropout > 0:
+        p.error(f"--unconditional has no null class to drop labels to: leave out --class-dropout={args.class_dropout}")
     if args.final_agg is None:
         args.final_agg = "reuse" if args.repa else "dedicated"
     if args.grad_clip is None:
@@ -153,7 +161,7 @@ def parse_args(argv=None):
     check_values(p, args, at_least={**dict.fromkeys(ones, 1), "eval_every": 0, "sample_every": 0, "grad_clip": 0.0,
                                     "warmup_steps": 0, "weight_decay": 0.0,
                                     "repa_coeff": 0.0, "sample_cfg": 0.0}, positive=("lr",),
-                 within={"ema_decay": (0.0, 1.0)}, readable=("init_from", "repa_encoder", "vae"),
+                 within={"ema_decay": (0.0, 1.0), "class_dropout": (0.0, 1.0)}, readable=("init_from", "repa_encoder", "vae"),
                  writable=("results_dir",))
     return args
 
@@ -166,8 +174,9 @@ def build_model(args, data):
     overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
                                    ("num_heads", args.num_heads)) if v is not None}
     return SiT_models[args.model](
-        input_size=data.size, in_channels=data.channels, num_classes=data.num_classes, routing=args.routing,
-        chunk=args.chunk, final_agg=args.final_agg, kernel=args.kernel, **overrides)
+        input_size=data.size, in_channels=data.channels, num_classes=data.num_classes,
+        class_dropout_prob=args.class_dropout, routing=args.routing, chunk=args.chunk, final_agg=args.final_agg,
+        kernel=args.kernel, **overrides)
 
 
 class Trainee(nn.Module):
@@ -223,6 +232,8 @@ def main(args):
     vae = None  # decodes the sample grids of latent models
     if isinstance(data, Latents) and master and args.sample_every:
         vae = load_vae(args.vae or data.manifest["vae"]).to(device)
+    if args.unconditional:
+        data = OneClass(data)
     model = build_model(args, data).to(device)
     model.grad_checkpoint = args.grad_checkpoint
     projector, encoder = None, None
@@ -436,7 +447,8 @@ def sample_grid(args, ema, data, device, step, vae):
     g = torch.Generator(device).manual_seed(777)
     y = torch.arange(classes, device=device).repeat_interleave(8)
     z = torch.randn(len(y), data.channels, data.size, data.size, generator=g, device=device)
-    x = sample_ode(ema, z, y, num_steps=args.sample_steps, cfg_scale=args.sample_cfg)
+    guided = args.sample_cfg if ema.config.class_dropout_prob > 0 else 1.0  # no null class: no guidance
+    x = sample_ode(ema, z, y, num_steps=args.sample_steps, cfg_scale=guided)
     path = os.path.join(args.results_dir, "samples", f"{step:07d}.png")
     save_grid(decode(x, vae), path, nrow=8)
     print(f"step {step}: samples in {path}")

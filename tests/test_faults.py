@@ -103,6 +103,7 @@ def assert_refused(fn, message, *roots, capsys=None):
     ("--vae=missing/vae.safetensors", "--vae missing/vae.safetensors: no such file or directory"),
     ("--repa-encoder=missing.pth", "--repa-encoder missing.pth: no such file or directory"),
     ("--warmup-steps=-1", "--warmup-steps must be at least 0"),
+    ("--class-dropout=1.5", "--class-dropout must be in [0.0, 1.0]"),
     ("--weight-decay=-0.1", "--weight-decay must be at least 0.0"),
     ("--adam-betas 0.9 1.0", "--adam-betas 0.9 1.0: each must lie in [0, 1)"),
     ("--t-sampling=lognormal --t-lognormal 0 0", "--t-lognormal's S is 0.0: it is a standard deviation"),

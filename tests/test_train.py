@@ -13,6 +13,7 @@ import repa
 from data import LATENT_SCALE, Latents, Shapes, write_manifest
 from checkpoint import load_checkpoint, load_model
 from model import SiT
+from sample import main as sample_main, parse_args as sample_args
 from train import Trainee, init_from, main, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the scripts are
@@ -177,6 +178,62 @@ def test_init_from_a_residual_checkpoint(tmp_path, routing):
         for name, router in model.routers.items():
             assert torch.count_nonzero(router.w if routing != "dynamic" else router.W_q.weight) == 0, name
             assert torch.equal(router.gamma, torch.ones_like(router.gamma)), name
+
+
+def test_init_from_a_checkpoint_with_another_class_count_starts_the_label_table_fresh(tmp_path, capsys):
+    kw = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2)
+    torch.manual_seed(0)
+    theirs = SiT(**kw, num_classes=1000)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p))
+    torch.save(theirs.state_dict(), tmp_path / "sit.pt")
+    for classes, dropout in ((10, 0.1), (1, 0.0)):  # another count; one class and no null class (unconditional)
+        torch.manual_seed(1)
+        model = SiT(**kw, num_classes=classes, class_dropout_prob=dropout)
+        table = model.y_embedder.embedding_table.weight.detach().clone()
+        init_from(model, str(tmp_path / "sit.pt"))
+        said = capsys.readouterr().out
+        assert f"its label table has 1001 rows and this model's {classes + (dropout > 0)}" in said
+        assert "the label table starts fresh" in said
+        state = model.state_dict()
+        assert torch.equal(state["y_embedder.embedding_table.weight"], table)
+        for k, v in theirs.state_dict().items():
+            assert k == "y_embedder.embedding_table.weight" or torch.equal(state[k], v), k
+
+
+def test_class_dropout_reaches_the_draws_and_zero_leaves_no_null_class(tmp_path, monkeypatch):
+    import data
+
+    seen = []
+    draw = data.Stream.draw
+    monkeypatch.setattr(data.Stream, "draw", lambda self, step, p: seen.append(p) or draw(self, step, p))
+    train(tmp_path, "--class-dropout=0.3", name="some", steps=1)
+    assert seen == [0.3]
+    train(tmp_path, "--class-dropout=0", name="none", steps=3)
+    model = load_model(str(tmp_path / "none" / "checkpoints" / "0000003.pt"))
+    assert model.config.class_dropout_prob == 0 and model.y_embedder.embedding_table.num_embeddings == 10
+    with pytest.raises(SystemExit, match="trained without a null class .* use --cfg-scale=1, not 1.5"):
+        sample_main(sample_args([f"--ckpt={tmp_path / 'none' / 'checkpoints' / '0000003.pt'}",
+                                 f"--out={tmp_path / 'grid.png'}", "--num-steps=2", "--per-class=1"]))
+    sample_main(sample_args([f"--ckpt={tmp_path / 'none' / 'checkpoints' / '0000003.pt'}",
+                             f"--out={tmp_path / 'grid.png'}", "--num-steps=2", "--per-class=1", "--cfg-scale=1"]))
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_unconditional_training_sees_one_class_and_samples_without_guidance(tmp_path, monkeypatch):
+    labels = []
+    forward = SiT.forward
+    monkeypatch.setattr(SiT, "forward", lambda self, x, t, y, *a, **k: labels.append(y.clone())
+                        or forward(self, x, t, y, *a, **k))
+    train(tmp_path, "--unconditional", "--sample-every=3", "--sample-steps=2", "--image-size=8", steps=3)
+    model = load_model(str(tmp_path / "run" / "checkpoints" / "0000003.pt"))
+    assert model.config.num_classes == 1 and model.y_embedder.embedding_table.num_embeddings == 1
+    real = [y for y in labels if y.device.type == "cpu"]  # not the FLOP count's forward on the meta device
+    assert torch.cat(real).unique().tolist() == [0]  # training, held-out and sample-grid labels alike
+    assert (tmp_path / "run" / "samples" / "0000003.png").exists()
+    with pytest.raises(SystemExit):
+        parse_args(["--data=shapes", "--unconditional", "--class-dropout=0.1"])
 
 
 #################################################################################
