@@ -103,13 +103,19 @@ def load_encoder(source, tokens=256):
     return encoder.eval().requires_grad_(False)
 
 
+def input_size(pixels):
+    """The side DINOv2 sees for images of `pixels` px: 224 * (pixels // 256), as REPA (224 for 256px images and
+    smaller toy ones, 448 for 512px), so 16 x 16 or 32 x 32 patches of 14 px."""
+    return 224 * max(1, pixels // 256)
+
+
 def preprocess(images):
     """uint8 images (B, H, W, 3) -> DINOv2's input: /255, ImageNet mean/std, then a bicubic resize to
-    224 * (H // 256) (224 for 256px images, and for smaller toy images), in REPA's order."""
+    input_size(H), in REPA's order."""
     x = images.permute(0, 3, 1, 2).float() / 255
     mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
-    size = 224 * max(1, images.shape[1] // 256)
+    size = input_size(images.shape[1])
     return F.interpolate((x - mean) / std, size=(size, size), mode="bicubic", align_corners=False)
 
 

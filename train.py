@@ -238,15 +238,18 @@ def main(args):
     model.grad_checkpoint = args.grad_checkpoint
     projector, encoder = None, None
     if args.repa:
-        tokens = (data.size // model.config.patch_size) ** 2
-        if tokens != 256:
-            raise SystemExit(f"REPA aligns with DINOv2's 256 patch tokens, but this model has {tokens}: use patch 2 "
-                             "on 32x32 inputs")
+        pixels = data.size * (8 if data.channels == 4 else 1)  # latents are the images at 1/8
+        grid, tokens = repa.input_size(pixels) // 14, (data.size // model.config.patch_size) ** 2
+        if tokens != grid ** 2:
+            fix = (f"use a SiT-*/{data.size // grid} model on these {data.size} x {data.size} inputs" if data.size
+                   % grid == 0 else f"give inputs of {grid} x the patch size on a side")
+            raise SystemExit(f"REPA aligns with DINOv2's {grid} x {grid} patch tokens of {pixels}px images, but this "
+                             f"model has {tokens} tokens: {fix}")
         if not 1 <= args.repa_depth <= model.config.depth:
             raise SystemExit(f"--repa-depth must be in [1, {model.config.depth}]")
 
         projector = repa.projector(model.config.hidden_size).to(device)
-        encoder = repa.load_encoder(args.repa_encoder).to(device)
+        encoder = repa.load_encoder(args.repa_encoder, tokens=grid ** 2).to(device)
     trainee = Trainee(model, projector, args.repa_depth, args.repa_state)
     # The sha256 of every weight file this run started from, kept in its checkpoints.
     weight_files = {flag: dict(source=source, sha256=sha256_of(resolve(source)))

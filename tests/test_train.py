@@ -240,22 +240,22 @@ def test_unconditional_training_sees_one_class_and_samples_without_guidance(tmp_
 #                                 Data and REPA                                 #
 #################################################################################
 
-def make_latent_dir(path, n=24, images=True, seed=0):
+def make_latent_dir(path, n=24, images=True, seed=0, size=256):
     rng = np.random.default_rng(seed)
     os.makedirs(path)
     shards = []
     for k, count in enumerate((n // 2, n - n // 2)):
         shard = path / f"shard-{k:05d}"
         os.makedirs(shard)
-        moments = rng.standard_normal((count, 2, 2, 4, 32, 32)).astype(np.float16)
+        moments = rng.standard_normal((count, 2, 2, 4, size // 8, size // 8)).astype(np.float16)
         moments[:, :, 1] = np.abs(moments[:, :, 1]) * 0.1  # std > 0
         np.save(shard / "moments.npy", moments)
         np.save(shard / "labels.npy", rng.integers(0, 7, count).astype(np.int64))
         if images:
-            np.save(shard / "images.npy", rng.integers(0, 256, (count, 256, 256, 3), dtype=np.uint8))
+            np.save(shard / "images.npy", rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8))
         shards.append(dict(name=shard.name, count=count))
-    write_manifest(str(path), dict(count=n, num_classes=7, classes=[f"c{i}" for i in range(7)], image_size=256,
-                                   latent_shape=[4, 32, 32], latent_dtype="float16", vae="test", images=images,
+    write_manifest(str(path), dict(count=n, num_classes=7, classes=[f"c{i}" for i in range(7)], image_size=size,
+                                   latent_shape=[4, size // 8, size // 8], latent_dtype="float16", vae="test", images=images,
                                    shards=shards))
 
 
@@ -315,6 +315,19 @@ def test_repa_trains_with_an_encoder_of_the_real_architecture(tmp_path):
     assert all(-1 <= r["repa_loss"] <= 1 for r in log)
     ckpt = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "0000002.pt"))
     assert ckpt["config"]["final_agg"] == "reuse" and ckpt["projector"]["4.weight"].shape == (768, 2048)
+
+
+def test_repa_at_512px_aligns_32x32_tokens_and_refuses_a_model_with_another_count(tmp_path, capsys):
+    make_latent_dir(tmp_path / "in512", n=6, size=512)
+    data = f"--data-path={tmp_path / 'in512'}"
+    flags = ("--repa", "--repa-encoder=random", "--repa-depth=1", "--global-batch-size=2", "--depth=1", "--chunk=2",
+             "--eval-samples=2")
+    with pytest.raises(SystemExit, match="DINOv2's 32 x 32 patch tokens of 512px images, but this model has 256 "
+                                         "tokens: use a SiT-\\*/2 model on these 64 x 64 inputs"):
+        train(tmp_path, *flags, name="patch4", data=data, steps=1)  # TINY's SiT-S/4
+    log = train(tmp_path, *flags, "--model=SiT-S/2", name="run", data=data, steps=1)
+    assert -1 <= log[-1]["repa_loss"] <= 1
+    assert repa.preprocess(torch.zeros(1, 512, 512, 3, dtype=torch.uint8)).shape == (1, 3, 448, 448)
 
 
 def test_repa_projector_starts_as_in_repa_xavier_uniform_with_zero_biases():
