@@ -1,7 +1,11 @@
 """
 Checkpoints and weight files on disk: the one place that writes train.py's checkpoints and reads every weight
 file the project loads (its own checkpoints, released SiT ones, the SD-VAE's .safetensors or .bin, DINOv2, the
-FID Inception), from a path or a URL. Also the rules of resuming a run (which checkpoint, what must match, what
+FID Inception), from a path or a URL; and the one that exports a checkpoint's EMA weights to .safetensors:
+
+    python checkpoint.py results/run/checkpoints/0400000.pt sit-xl-2-dar.safetensors
+
+Also the rules of resuming a run (which checkpoint, what must match, what
 may change) and of starting one from weights (--init-from), and models rebuilt from such files.
 
 Its own file because every script needs it and none of it is the network: model.py builds SiT, this reads and
@@ -99,8 +103,9 @@ def load_checkpoint(source):
         raise ValueError(f"{path} is not the file its name says: its sha256 does not start with {named.group(1)}. "
                          "It is corrupt or another file; download it again")
     try:
-        if path.endswith(".safetensors"):
-            return read_safetensors(path)
+        if path.endswith(".safetensors"):  # ours carry their config, and load as a checkpoint; others are weights
+            state, metadata = read_safetensors(path)
+            return {"config": json.loads(metadata["config"]), "ema": state} if "config" in metadata else state
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch.load's errors for a non-checkpoint are many and cryptic)
         raise ValueError(f"{path} is not a checkpoint that can be read safely: not a torch.save file of tensors "
@@ -108,21 +113,63 @@ def load_checkpoint(source):
                          f"({type(e).__name__})") from None
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def read_safetensors(path):
-    """A .safetensors file: an 8-byte little-endian header length, a JSON header mapping each name to its
-    dtype, shape and byte range, then the raw little-endian data. No pickle, hence no safetensors package."""
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+    """(state dict, metadata) of a .safetensors file: an 8-byte little-endian header length, a JSON header mapping
+    each name to its dtype, shape and byte range (and "__metadata__" to a dict of strings), then the raw
+    little-endian data. No pickle, hence no safetensors package."""
     with open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         data = bytearray(f.read())
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     state = {}
     for name, info in header.items():
-        dtype, (begin, end) = dtypes[info["dtype"]], info["data_offsets"]
+        dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
         flat = torch.frombuffer(data, dtype=dtype, offset=begin, count=(end - begin) // dtype.itemsize)
         state[name] = flat.reshape(info["shape"])
-    return state
+    return state, metadata
+
+
+def write_safetensors(state, path, metadata=None):
+    """read_safetensors' inverse in the layout of the safetensors package's save_file (tensors ordered by element
+    size, largest first, then by name; compact JSON; the header padded with spaces to a multiple of 8 bytes),
+    written atomically. metadata: a dict of strings (its keys in any order: the package's own order is a hash
+    map's)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for key in sorted(state, key=lambda k: (-state[k].element_size(), k)):
+        t = state[key].detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+            for raw in chunks:
+                f.write(raw)
+
+    write_atomically(path, write, 8 + len(text) + offset, "nothing else was touched")
+
+
+def export(source, path):
+    """A checkpoint's EMA weights (its model weights when it has no EMA) as a .safetensors file with the model's
+    config in its metadata: every script that takes --ckpt (and --init-from) loads it as the checkpoint."""
+    checkpoint = load_checkpoint(source)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise SystemExit(f"{source} is not one of train.py's checkpoints (no config): export needs the config "
+                         "that rebuilds the model")
+    which = "ema" if "ema" in checkpoint else "model"
+    metadata = {"config": json.dumps(checkpoint["config"]), "weights": which, "source": os.path.basename(source),
+                "step": str(checkpoint.get("step", "")), "format": "nanoDAR SiT"}
+    write_safetensors(weights_of(checkpoint), path, metadata)
+    return path
 
 
 def weights_of(checkpoint, ema=True):
@@ -319,3 +366,20 @@ def config_of_weights(state, source="the checkpoint"):
     return dict(input_size=math.isqrt(state["pos_embed"].shape[1]) * p, patch_size=p, in_channels=C, hidden_size=d,
                 depth=depth, num_heads=heads, num_classes=rows - 1, class_dropout_prob=0.1,
                 learn_sigma=state["final_layer.linear.weight"].shape[0] == 2 * p * p * C)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from cli import HelpFormatter, check_values
+
+    p = argparse.ArgumentParser(description="Export a train.py checkpoint's EMA weights and config to .safetensors "
+                                "(sample.py, diagnose.py, toy_accuracy.py and --init-from load it)",
+                                formatter_class=HelpFormatter)
+    p.add_argument("ckpt", help="one of train.py's checkpoints")
+    p.add_argument("out", help="the .safetensors file to write")
+    args = p.parse_args()
+    check_values(p, args, readable=("ckpt",), writable=("out",))
+    if not args.out.endswith(".safetensors"):
+        p.error(f"{args.out}: give a name ending in .safetensors (that is how the loaders know the format)")
+    print(f"EMA weights of {args.ckpt} in {export(args.ckpt, args.out)}")
