@@ -183,6 +183,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="samples per model call per process (x2 with CFG)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast of the model")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls and "
+                   "convolutions on GPUs that have them, as SiT's sample_ddp.py (its default --tf32); --no-tf32: full "
+                   "fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (a warm-up of minutes, then "
+                   "faster steps; samples equal to float rounding)")
     args = p.parse_args(argv)
     check_values(p, args, at_least={"num_steps": 1, "per_class": 1, "batch_size": 1, "cfg_scale": 0.0},
                  readable=("ckpt", "vae"), writable=("out",))
@@ -212,6 +217,9 @@ def batch_inputs(model, first, n, seed, device):
     return torch.tensor(ys, device=device), torch.from_numpy(np.stack(zs)).to(device)
 
 
+SETTINGS_ADDED = {"tf32": False, "compile": False}  # flags added since: what batches made before them used
+
+
 def check_settings(args, parts_dir, rank, world):
     """Batches of a resumed run must come from the same command: the first run records it, later ones compare."""
     path = os.path.join(parts_dir, "settings.json")
@@ -224,7 +232,7 @@ def check_settings(args, parts_dir, rank, world):
     if world > 1:
         dist.barrier()
     with open(path) as f:
-        was = json.load(f)
+        was = {**SETTINGS_ADDED, **json.load(f)}
     if was != settings:
         changed = ", ".join(f"{k}: {was.get(k)} -> {v}" for k, v in settings.items() if was.get(k) != v)
         raise SystemExit(f"{parts_dir} holds batches made with other settings ({changed}): repeat the original "
@@ -233,8 +241,10 @@ def check_settings(args, parts_dir, rank, world):
 
 def main(args):
     rank, world, device = setup_distributed()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     model = load_model(args.ckpt, ema=not args.no_ema).to(device).eval()
+    if args.compile:
+        model.compile()  # every call of the model, guided or not, goes through its compiled __call__
     if args.cfg_scale != 1 and model.config.class_dropout_prob == 0:
         raise SystemExit(f"{args.ckpt} was trained without a null class (--class-dropout=0 or --unconditional), "
                          f"and guidance needs one: use --cfg-scale=1, not {args.cfg_scale}")

@@ -425,3 +425,31 @@ def test_grid_mode_and_released_sit_checkpoints(tiny_checkpoint, tmp_path):
     loaded = load_model(str(tmp_path / "SiT-S-8.pt"))
     assert model_config(loaded) == model_config(sit)
 
+
+
+def test_sample_speed_flags_set_tf32_and_compile_and_old_batches_resume_as_they_were_made(tiny_checkpoint, tmp_path,
+                                                                                          monkeypatch):
+    import sample as sampler
+
+    compiled = []
+    monkeypatch.setattr(SiT, "compile", lambda self, *a, **k: compiled.append(self))
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        grid = [f"--ckpt={tiny_checkpoint}", "--classes", "1", "--per-class=1", "--num-steps=1", "--cfg-scale=1"]
+        sampler.main(sampler.parse_args([*grid, f"--out={tmp_path / 'a.png'}"]))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True) and not compiled
+        sampler.main(sampler.parse_args([*grid, "--no-tf32", "--compile", f"--out={tmp_path / 'b.png'}"]))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        assert len(compiled) == 1
+        # Batches made before --tf32 existed were made without TF32: they continue under --no-tf32 only.
+        common = [f"--ckpt={tiny_checkpoint}", "--num-fid-samples=2", "--batch-size=1", "--num-steps=1",
+                  f"--out={tmp_path / 'old.npz'}"]
+        sampler.check_settings(sampler.parse_args(common), str(tmp_path / "old.parts"), 0, 1)
+        settings = tmp_path / "old.parts" / "settings.json"
+        was = json.loads(settings.read_text())
+        settings.write_text(json.dumps({k: v for k, v in was.items() if k not in sampler.SETTINGS_ADDED}))
+        with pytest.raises(SystemExit, match="tf32: False -> True"):
+            sampler.check_settings(sampler.parse_args(common), str(tmp_path / "old.parts"), 0, 1)
+        sampler.check_settings(sampler.parse_args([*common, "--no-tf32"]), str(tmp_path / "old.parts"), 0, 1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

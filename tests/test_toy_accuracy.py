@@ -28,7 +28,7 @@ def test_a_classifier_of_another_size_is_refused(classifier_path):
         toy_accuracy.load_classifier(32, classifier_path)
 
 
-def test_scores_a_checkpoints_samples_per_class(tmp_path, classifier_path, capsys):
+def test_scores_a_checkpoints_samples_per_class(tmp_path, classifier_path, capsys, monkeypatch):
     train_main(train_args(["--data=shapes", "--image-size=16", "--model=SiT-S/4", "--depth=2", "--hidden-size=32",
                            "--num-heads=2", "--precision=fp32", "--global-batch-size=4", "--max-steps=2",
                            "--eval-every=0", "--sample-every=0", "--ckpt-every=2", f"--results-dir={tmp_path}"]))
@@ -41,6 +41,21 @@ def test_scores_a_checkpoints_samples_per_class(tmp_path, classifier_path, capsy
     assert overall == pytest.approx(sum(per_class) / 10)  # equal classes: the mean of the per-class rates
     assert all(0 <= a <= 1 for a in per_class)
     assert "toy FID (the classifier's 128 features, against 30 real shapes): " in out
+    # bf16 sampling (sample.py --precision=bf16) is scored the same way, and its samples are not fp32's
+    import torch
+
+    from model import SiT
+
+    compiled, autocast = [], []
+    forward = SiT.forward
+    monkeypatch.setattr(SiT, "compile", lambda self, *a, **k: compiled.append(self))
+    monkeypatch.setattr(SiT, "forward", lambda self, *a, **k: autocast.append(torch.is_autocast_enabled("cpu"))
+                        or forward(self, *a, **k))
+    toy_accuracy.main([f"--ckpt={ckpt}", f"--classifier={classifier_path}", "--per-class=3", "--num-steps=2",
+                       "--precision=bf16", "--compile"])
+    bf16 = capsys.readouterr().out
+    assert bf16.splitlines()[0].startswith("class accuracy of 30 samples") and len(compiled) == 1
+    assert autocast and all(autocast)  # every model call under bf16 autocast
 
 
 def test_toy_fid_is_small_between_real_shapes_and_large_for_noise(classifier_path):
