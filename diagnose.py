@@ -3,6 +3,9 @@ The paper's diagnostics of cross-layer routing (section 3: Fig. 2 and 3; section
 DAR checkpoints alike, written to one JSON file and PNG figures.
 
     python diagnose.py --ckpt results/study/residual/checkpoints/0002000.pt --ckpt results/study/dynamic_c4/checkpoints/0002000.pt --out results/diagnose
+    python diagnose.py --log results/run/log.jsonl      # the run's training curves, results/run/curves.png
+
+(train.py redraws that curves.png itself at every log line.)
 
 Definitions (docs/design.md section 4). h_l is the input of sublayer l before its LayerNorm (l = 1..L; the
 residual stream for residual routing, the DAR aggregate otherwise) and h_{L+1} the input of the final layer;
@@ -38,7 +41,9 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", action="append", required=True, help="a train.py checkpoint (repeat to compare)")
+    p.add_argument("--ckpt", action="append", help="a train.py checkpoint (repeat to compare)")
+    p.add_argument("--log", help="instead: draw the training curves of this log.jsonl (curves.png beside it, or "
+                   "--out if it ends in .png)")
     p.add_argument("--label", action="append", help="a name per --ckpt for the legends (default: routing)")
     p.add_argument("--data", default="shapes", help="'shapes' or a prepared latent directory")
     p.add_argument("--t", type=float, nargs="+", default=[1.0, 0.5, 0.1], help="t of the per-block measures (1 = data)")
@@ -49,10 +54,20 @@ def parse_args(argv=None):
     p.add_argument("--probe-steps", type=int, default=16, help="points of the probe's t grid")
     p.add_argument("--no-ema", action="store_true", help="the trained weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/diagnose", help="directory for diagnostics.json and the figures")
+    p.add_argument("--out", help="directory for diagnostics.json and the figures (default results/diagnose)")
     args = p.parse_args(argv)
     check_values(p, args, at_least={"num_samples": 2, "map_steps": 2, "probe_pairs": 4, "probe_steps": 2},
-                 writable=("out",))
+                 readable=("log",), writable=("out",))
+    if args.log:
+        if args.ckpt:
+            p.error("give --log (a run's curves) or --ckpt (the diagnostics of checkpoints), not both")
+        if args.out and not args.out.endswith(".png"):
+            p.error(f"with --log, --out is the figure to write: give a name ending in .png, not {args.out}")
+        args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.log)), "curves.png")
+        return args
+    if not args.ckpt:
+        p.error("give one or more --ckpt (or --log for a run's training curves)")
+    args.out = args.out or "results/diagnose"
     for path in args.ckpt:
         if "://" not in path and not os.path.isfile(path):
             p.error(f"--ckpt {path}: no such checkpoint file")
@@ -250,7 +265,8 @@ def fmt(v):
 def line_plot(series, title, xlabel, ylabel, path, log=False, hline=None, x_ticks=None):
     """series: [(label, xs, ys)] or [(label, xs, ys, spreads)], one coloured line each (spreads: an error bar of
     +-spread at each point), with axes, ticks, labels and a legend. hline: (label, y) drawn dashed across (a
-    baseline). x_ticks: the x axis is logarithmic with ticks at these values (e.g. chunk sizes 1, 2, 4, 8, 14)."""
+    baseline). x_ticks: the x axis is logarithmic with ticks at these values (e.g. chunk sizes 1, 2, 4, 8, 14).
+    Saved to path unless it is None; returns the image."""
     W, H, left, right, top, bottom = 640, 420, 70, 160, 36, 50
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -296,7 +312,43 @@ def line_plot(series, title, xlabel, ylabel, path, log=False, hline=None, x_tick
         y = top + 10 + 18 * i
         d.line([W - right + 10, y, W - right + 30, y], fill=colour, width=3)
         d.text((W - right + 36, y), label, fill="black", font=FONT, anchor="lm")
-    img.save(path)
+    if path:
+        img.save(path)
+    return img
+
+
+def training_curves(log_path, path):
+    """The figure of a run's log.jsonl, one panel under another: the training loss and the held-out loss of the
+    raw and EMA weights (log scale), REPA's alignment loss if the run has one, FID and IS if logged. Written
+    through a rename (a viewer never reads half of it); returns path, or None while the log has no loss yet. A
+    step logged twice (a resumed run repeats none, but a line cut short by a kill is skipped) keeps its last."""
+    records = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed run
+                pass
+
+    def series(key, label):
+        points = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))}
+        return label, sorted(points), [points[s] for s in sorted(points)]
+
+    panels = [([series("loss", "training"), series("eval_loss", "held-out"), series("eval_loss_ema", "held-out, EMA")],
+               "loss", "velocity MSE", True),
+              ([series("repa_loss", "REPA")], "REPA alignment", "negative cosine", False),
+              ([series("fid", "FID")], "FID of EMA samples", "FID", False),
+              ([series("inception_score", "IS")], "Inception Score of EMA samples", "IS", False)]
+    images = [line_plot([s for s in lines if s[1]], title, "step", ylabel, None, log=log)
+              for lines, title, ylabel, log in panels if any(s[1] for s in lines)]
+    if not images or not series("loss", "")[1] and not series("eval_loss", "")[1]:
+        return None
+    figure = Image.new("RGB", (images[0].width, sum(i.height for i in images)), "white")
+    for k, image in enumerate(images):
+        figure.paste(image, (0, k * images[0].height))
+    figure.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    return path
 
 
 def heat_maps(panels, title, path, xlabel="t (0 noise, 1 data)", xtick="{:.1f}"):
@@ -388,6 +440,10 @@ def safe(label):
 
 
 def main(args):
+    if args.log:
+        path = training_curves(args.log, args.out)
+        print(f"training curves in {path}" if path else f"{args.log} has no loss logged yet: no figure")
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     os.makedirs(args.out, exist_ok=True)

@@ -307,7 +307,8 @@ def shard_checks(folder):
     if os.path.exists(os.path.join(folder, "checks.json")):
         with open(os.path.join(folder, "checks.json")) as f:
             return json.load(f)
-    return {name: file_check(os.path.join(folder, name)) for name in sorted(os.listdir(folder)) if name.endswith(".npy")}
+    return {name: file_check(os.path.join(folder, name))
+            for name in sorted(os.listdir(folder)) if name.endswith(".npy")}
 
 
 def write_final_manifest(args, plan, names):

@@ -19,6 +19,7 @@ the uninterrupted one exactly.
 """
 import argparse
 import copy
+import importlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from checkpoint import (checkpoints_by_step, init_from, nonfinite_tensors, refus
 from cli import HelpFormatter, Preemption, check_values, close_distributed, setup_distributed
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
 from data import Latents, OneClass, Stream, load_data
-from diagnose import heat_maps, routing_maps
+from diagnose import heat_maps, routing_maps, training_curves
 from model import SiT_models, forward_flops, interpolate, model_config
 from sample import decode, sample_ode, save_grid
 from vae import load_vae
@@ -50,10 +51,12 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20",
 # resume that changes one is refused; so a flag you add counts as run-defining until you name it here.
 RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "compile", "grad_checkpoint")  # printed
 PER_INVOCATION = ("results_dir", "resume", "init_from", "data_check", "max_steps", "log_every", "eval_every",
-                  "sample_every", "sample_steps", "sample_cfg", "vae", "ckpt_every", "bench", "bench_steps", "traffic",
+                  "sample_every", "sample_steps", "sample_cfg", "vae", "ckpt_every", "tensorboard", "bench",
+                  "bench_steps", "traffic",
                   "repa_encoder")  # repa_encoder: where the weights are on this machine (checkpoints keep their sha256)
-ADDED = {"repa_state": "aggregate", "class_dropout": 0.1, "unconditional": False, "warmup_steps": 0, "weight_decay": 0.0, "adam_betas": [0.9, 0.999],
-         "t_sampling": "uniform", "t_lognormal": [0.0, 1.0]}  # flags added since runs were saved: what those used
+# Run-defining flags added since runs were saved, and the value those runs used: they resume with it.
+ADDED = {"repa_state": "aggregate", "class_dropout": 0.1, "unconditional": False, "warmup_steps": 0,
+         "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "t_sampling": "uniform", "t_lognormal": [0.0, 1.0]}
 
 
 def parse_args(argv=None):
@@ -121,6 +124,9 @@ def parse_args(argv=None):
     a.add_argument("--sample-cfg", type=float, default=4.0, help="guidance scale of the sample grids")
     a.add_argument("--vae", help="SD-VAE that decodes the grids of latent models (default: the dataset's)")
     a.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
+    a.add_argument("--tensorboard", action="store_true", help="also log every number to TensorBoard, under "
+                   "<results-dir>/tensorboard (needs the tensorboard package; log.jsonl and curves.png are always "
+                   "written)")
     a.add_argument("--bench", action="store_true", help="time training steps and exit; without --data-path "
                    "or --data, on random latents of ImageNet's shape")
     a.add_argument("--bench-steps", type=int, default=20, help="with --bench: steps timed (after up to 5 "
@@ -150,6 +156,12 @@ def parse_args(argv=None):
         p.error(f"--repa-state=summary aligns v_2k, block k's MLP output, which is a chunk summary only under DAR "
                 f"with a --chunk that divides 2 x --repa-depth = {2 * args.repa_depth}: use --repa-state=aggregate, "
                 "or such a --chunk")
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            p.error("--tensorboard needs the tensorboard package, which is optional: pip install tensorboard, or "
+                    "leave the flag out (log.jsonl and curves.png in the run directory hold the same numbers)")
     if args.results_dir is None:
         args.results_dir = os.path.join("results", f"{args.model.replace('/', '-')}-{args.routing}")
     if not (0 <= args.adam_betas[0] < 1 and 0 <= args.adam_betas[1] < 1):
@@ -161,7 +173,8 @@ def parse_args(argv=None):
     check_values(p, args, at_least={**dict.fromkeys(ones, 1), "eval_every": 0, "sample_every": 0, "grad_clip": 0.0,
                                     "warmup_steps": 0, "weight_decay": 0.0,
                                     "repa_coeff": 0.0, "sample_cfg": 0.0}, positive=("lr",),
-                 within={"ema_decay": (0.0, 1.0), "class_dropout": (0.0, 1.0)}, readable=("init_from", "repa_encoder", "vae"),
+                 within={"ema_decay": (0.0, 1.0), "class_dropout": (0.0, 1.0)},
+                 readable=("init_from", "repa_encoder", "vae"),
                  writable=("results_dir",))
     return args
 
@@ -285,9 +298,9 @@ def main(args):
               f"{per_rank} images each per step in {accum} pass(es); {device}, {args.precision}")
     stream = Stream(data, args.global_batch_size, args.seed, device,
                     args.t_lognormal if args.t_sampling == "lognormal" else None)
-    log = open(os.path.join(args.results_dir, "log.jsonl"), "a") if master else None
+    log = RunLog(args.results_dir, args.tensorboard) if master else None
     if log and args.resume:
-        log.write(json.dumps(dict(step=step, resumed=vars(args))) + "\n")
+        log.write(dict(step=step, resumed=vars(args)), quiet=True)
     fpi, peak = forward_flops(model_config(model)), peak_flops(device, args.precision)
     loss_sum, interval_steps, t_last = torch.zeros(2, device=device), 0, time.time()
     finite_grads = torch.ones((), dtype=torch.bool, device=device)  # every step's gradient so far, checked without a sync
@@ -493,13 +506,38 @@ def bench(args, module, opt, model, ema, encoder, data, device, autocast, world,
           f"{step_time:.3f} | {images_per_s:.1f} | {mem} | {mfu} |")
 
 
+class RunLog:
+    """Rank 0's record of a run: log.jsonl (a JSON object a line, appended and flushed), the same line printed,
+    curves.png redrawn from the whole log at every line with a loss (diagnose.training_curves) and, with
+    --tensorboard, every number as a TensorBoard scalar under tensorboard/."""
+
+    def __init__(self, results_dir, tensorboard=False):
+        self.path, self.curves = os.path.join(results_dir, "log.jsonl"), os.path.join(results_dir, "curves.png")
+        self.file, self.board = open(self.path, "a"), None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # parse_args checked that it imports
+
+            self.board = SummaryWriter(os.path.join(results_dir, "tensorboard"))
+
+    def write(self, record, quiet=False):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if quiet:
+            return
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                       if not isinstance(v, (list, dict))))
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(key, value, record["step"])
+            self.board.flush()
+        if any(k in record for k in ("loss", "eval_loss", "fid")):
+            training_curves(self.path, self.curves)
+
+
 def write_log(log, record):
-    if log is None:
-        return
-    log.write(json.dumps(record) + "\n")
-    log.flush()
-    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                   if not isinstance(v, list)))
+    if log is not None:
+        log.write(record)
 
 
 if __name__ == "__main__":

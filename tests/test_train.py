@@ -255,7 +255,8 @@ def make_latent_dir(path, n=24, images=True, seed=0, size=256):
             np.save(shard / "images.npy", rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8))
         shards.append(dict(name=shard.name, count=count))
     write_manifest(str(path), dict(count=n, num_classes=7, classes=[f"c{i}" for i in range(7)], image_size=size,
-                                   latent_shape=[4, size // 8, size // 8], latent_dtype="float16", vae="test", images=images,
+                                   latent_shape=[4, size // 8, size // 8], latent_dtype="float16", vae="test",
+                                   images=images,
                                    shards=shards))
 
 
@@ -435,7 +436,8 @@ def test_warm_up_betas_and_weight_decay_reach_the_optimiser_and_a_resume_continu
     full = losses(train(tmp_path, *knobs, name="full"))
     for step, lr in ((3, 1e-3 * 3 / 4), (6, 1e-3)):  # the rate of the last step taken: 3 of 4 warm-up steps, then lr
         group = load_checkpoint(str(tmp_path / "full" / "checkpoints" / f"{step:07d}.pt"))["opt"]["param_groups"][0]
-        assert group["lr"] == pytest.approx(lr) and group["weight_decay"] == 0.05 and tuple(group["betas"]) == (0.8, 0.95)
+        assert group["lr"] == pytest.approx(lr) and group["weight_decay"] == 0.05
+        assert tuple(group["betas"]) == (0.8, 0.95)
     train(tmp_path, *knobs, name="split", steps=3)
     assert losses(train(tmp_path, *knobs, "--resume=latest", name="split")) == full
     assert losses(train(tmp_path, name="plain"))[1:] != full[1:]  # step 1 differs only by its rate's scale
@@ -476,3 +478,56 @@ def test_ema_update_is_a_lerp_of_every_parameter_and_buffer():
     for k, v in ema.state_dict().items():
         torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
     assert any("pos_embed" in k for k in expected)  # a buffer, averaged too
+
+
+#################################################################################
+#                               Watching a run                                  #
+#################################################################################
+
+def test_a_run_draws_its_training_curves_and_diagnose_redraws_any_log(tmp_path, capsys):
+    from PIL import Image
+
+    import diagnose
+
+    train(tmp_path, "--eval-every=2", "--eval-samples=8", steps=4)
+    assert Image.open(tmp_path / "run" / "curves.png").size == (640, 420)  # one panel: training and held-out loss
+    log = tmp_path / "log.jsonl"  # a log with FID and IS, and a last line cut short by a kill
+    lines = [dict(step=s, loss=1.0 / s) for s in (1, 2, 3)] + [dict(step=2, fid=50.0, inception_score=3.0),
+                                                             dict(step=3, fid=40.0, inception_score=3.5)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')
+    diagnose.main(diagnose.parse_args([f"--log={log}"]))
+    assert f"training curves in {tmp_path / 'curves.png'}" in capsys.readouterr().out
+    assert Image.open(tmp_path / "curves.png").size == (640, 3 * 420)  # loss, FID, IS
+    log.write_text(json.dumps(dict(step=0, resumed={})) + "\n")
+    diagnose.main(diagnose.parse_args([f"--log={log}", f"--out={tmp_path / 'empty.png'}"]))
+    assert "has no loss logged yet" in capsys.readouterr().out and not (tmp_path / "empty.png").exists()
+
+
+def test_tensorboard_is_optional_and_gets_every_number(tmp_path, capsys, monkeypatch):
+    import importlib
+    import types
+
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: (_ for _ in ()).throw(ImportError(name))
+                        if name == "torch.utils.tensorboard" else real(name, *a))
+    with pytest.raises(SystemExit):
+        parse_args(["--data=shapes", "--tensorboard"])
+    assert "--tensorboard needs the tensorboard package, which is optional: pip install tensorboard" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(importlib, "import_module", real)
+    scalars = []
+
+    class Writer:  # what torch.utils.tensorboard.SummaryWriter offers, as far as train.py uses it
+        def __init__(self, folder):
+            scalars.append(folder)
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(tmp_path, "--tensorboard", "--eval-every=2", "--eval-samples=8", steps=2)
+    assert scalars[0] == str(tmp_path / "run" / "tensorboard")
+    assert {("loss", 1), ("grad_norm", 2), ("eval_loss", 2), ("eval_loss_ema", 2)} <= set(scalars[1:])
