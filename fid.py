@@ -4,6 +4,11 @@ computes them, in plain PyTorch: no TensorFlow, no torchvision.
 
     python fid.py VIRTUAL_imagenet256_labeled.npz samples/xl2.npz     # ADM's reference batch vs sample.py's
     python fid.py --make-ref shapes --image-size 16 --num 10000 ref_shapes16.npz     # a toy reference batch
+    python fid.py --make-ref /data/imagenet/train --image-size 256 --num 10000 ref_in256.npz   # from any folder
+    python fid.py --make-ref VIRTUAL_imagenet256_labeled.npz ref.npz      # an .npz, its statistics added if missing
+
+A reference batch made here is in ADM's format (arr_0, and the statistics mu, sigma, mu_s, sigma_s of its
+images), so it serves this script and train.py --fid-ref (which reads only the statistics) alike.
 
 What makes the numbers ADM's:
   - the FID Inception network (inception.py) with the TF 2015-12-05 weights (pt_inception-2015-12-05-6726825d.pth, a plain
@@ -27,6 +32,7 @@ random weights).
 """
 import argparse
 import json
+import os
 import warnings
 import zipfile
 
@@ -214,13 +220,55 @@ def evaluate(ref_path, sample_path, net, device="cpu", batch_size=64, half=True)
 #                                  The script                                   #
 #################################################################################
 
-def make_reference(data_name, image_size, num, path, seed=0):
-    """An ADM-format reference batch (arr_0) of held-out images of the toy data."""
-    from data import Shapes  # only this mode needs the toy data
+def folder_images(root, image_size, num, seed=0):
+    """uint8 (n, image_size, image_size, 3): ADM's centre crop (prepare_imagenet.py's, as the training data) of
+    `num` image files drawn at random (seeded) from every image under root, or of all of them if num is None;
+    files that cannot be read are skipped and counted."""
+    from prepare_imagenet import EXTENSIONS, load_image
 
-    data = Shapes(size=image_size, seed=seed, num_eval=num)
-    np.savez(path, arr_0=data.images(data.eval)[0])
-    print(f"{num} held-out {data_name} images ({image_size}px) in {path}")
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.lower().endswith(EXTENSIONS))
+    if not files:
+        raise SystemExit(f"{root} holds no image files ({', '.join(EXTENSIONS)}): give a folder of images, 'shapes' "
+                         "or an .npz")
+    if num is not None and num < len(files):
+        files = [files[i] for i in sorted(np.random.default_rng(seed).choice(len(files), num, replace=False))]
+    crops, skipped = [], 0
+    for path in tqdm(files, unit="image", desc="centre crops"):
+        crop, why = load_image(path, image_size)
+        if crop is None:
+            skipped += 1
+        else:
+            crops.append(crop)
+    if skipped:
+        print(f"{skipped} of {len(files)} files skipped: not readable as images, or too small or elongated")
+    return np.stack(crops)
+
+
+def make_reference(source, image_size, num, path, net, device="cpu", batch_size=64, seed=0):
+    """An ADM-format reference batch: arr_0 and the statistics of its images (mu, sigma: pool_3; mu_s, sigma_s:
+    the sFID features), from the toy data ('shapes': held-out images), an image folder, or an .npz whose arr_0
+    is taken as it is (and its statistics too, if it has them: ADM's cover the whole training set)."""
+    if source == "shapes":
+        from data import Shapes  # only this mode needs the toy data
+
+        data = Shapes(size=image_size, seed=seed, num_eval=num or 10_000)
+        images, kept = data.images(data.eval)[0], {}
+    elif os.path.isdir(source):
+        images, kept = folder_images(source, image_size, num, seed), {}
+    else:
+        check_batch(source, "reference")
+        with np.load(source) as ref:
+            images = ref["arr_0"] if num is None else ref["arr_0"][:num]
+            kept = {k: ref[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in ref.files and num is None}
+    if len(kept) < 4:
+        acts = features(net, (images[i:i + batch_size] for i in range(0, len(images), batch_size)),
+                        -(-len(images) // batch_size), device)
+        (mu, sigma), (mu_s, sigma_s) = statistics(acts["pool"]), statistics(acts["spatial"])
+        kept = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    tmp = path[:-4] + ".tmp.npz"
+    np.savez(tmp, arr_0=images, **kept)
+    os.replace(tmp, path)
+    print(f"{len(images)} images of {source} ({images.shape[1]}px) and their statistics in {path}")
 
 
 def main(argv=None):
@@ -231,14 +279,22 @@ def main(argv=None):
     p.add_argument("--json", help="also write the metrics to this file")
     p.add_argument("--exact-distances", action="store_true", help="precision and recall from float32 distances "
                    "instead of ADM's float16 ones (published numbers use ADM's)")
-    p.add_argument("--make-ref", choices=("shapes",), help="write a reference batch of the toy data instead")
-    p.add_argument("--image-size", type=int, default=32, help="--make-ref: image size")
-    p.add_argument("--num", type=int, default=10_000, help="--make-ref: number of images")
+    p.add_argument("--make-ref", help="instead: write a reference batch (images and statistics) of 'shapes' (the "
+                   "toy data), an image folder, or an .npz")
+    p.add_argument("--image-size", type=int, default=32, help="--make-ref: crop size for a folder, or the toy size")
+    p.add_argument("--num", type=int, help="--make-ref: number of images (default: 10,000 for shapes, all of a "
+                   "folder or .npz; a folder's are then drawn at random)")
     args = p.parse_args(argv)
     check_values(p, args, at_least={"batch_size": 1, "image_size": 1, "num": 1}, readable=("inception",),
                  writable=("json",))
     if args.make_ref:
-        return make_reference(args.make_ref, args.image_size, args.num, args.files[0])
+        if len(args.files) != 1 or not args.files[0].endswith(".npz"):
+            p.error("with --make-ref give one file to write, ending in .npz")
+        if args.make_ref != "shapes" and not os.path.exists(args.make_ref):
+            p.error(f"--make-ref {args.make_ref}: no such folder or file (or give 'shapes')")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return make_reference(args.make_ref, args.image_size, args.num, args.files[0],
+                              load_inception(args.inception).to(device), device, args.batch_size)
     if len(args.files) != 2:
         p.error("give two files: REF.npz SAMPLES.npz")
     ref_size, sample_size = check_batch(args.files[0], "reference"), check_batch(args.files[1], "sample")

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -40,7 +41,9 @@ from dar import FINAL_AGGS, KERNELS, ROUTINGS
 from data import Latents, OneClass, Stream, load_data
 from diagnose import heat_maps, routing_maps, training_curves
 from model import SiT_models, forward_flops, interpolate, model_config
-from sample import decode, sample_ode, save_grid
+from fid import check_batch, frechet_distance, inception_score, statistics
+from inception import INCEPTION_URL, load_inception
+from sample import batch_inputs, decode, sample_ode, save_grid
 from vae import load_vae
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; more specific names first. Unknown GPUs report no MFU.
@@ -52,7 +55,7 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20",
 RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "compile", "grad_checkpoint")  # printed
 PER_INVOCATION = ("results_dir", "resume", "init_from", "data_check", "max_steps", "log_every", "eval_every",
                   "sample_every", "sample_steps", "sample_cfg", "vae", "ckpt_every", "tensorboard", "bench",
-                  "bench_steps", "traffic",
+                  "bench_steps", "traffic", "fid_every", "fid_samples", "fid_cfg", "fid_ref", "inception",
                   "repa_encoder")  # repa_encoder: where the weights are on this machine (checkpoints keep their sha256)
 # Run-defining flags added since runs were saved, and the value those runs used: they resume with it.
 ADDED = {"repa_state": "aggregate", "class_dropout": 0.1, "unconditional": False, "warmup_steps": 0,
@@ -123,6 +126,14 @@ def parse_args(argv=None):
     a.add_argument("--sample-steps", type=int, default=50, help="Heun steps of the grid's ODE sampler")
     a.add_argument("--sample-cfg", type=float, default=4.0, help="guidance scale of the sample grids")
     a.add_argument("--vae", help="SD-VAE that decodes the grids of latent models (default: the dataset's)")
+    a.add_argument("--fid-every", type=int, default=0, help="steps between FID and IS of EMA samples, logged to "
+                   "log.jsonl (0: never); the ranks share the sampling")
+    a.add_argument("--fid-samples", type=int, default=10_000, help="EMA samples of each FID (sample.py's classes "
+                   "and noise for samples 0..K-1; Heun with --sample-steps)")
+    a.add_argument("--fid-cfg", type=float, default=1.0, help="guidance scale of the FID samples")
+    a.add_argument("--fid-ref", help="reference statistics (an .npz with mu and sigma: ADM's reference batch, or "
+                   "one fid.py --make-ref wrote from an image folder, an .npz or the toy data)")
+    a.add_argument("--inception", default=INCEPTION_URL, help="the FID Inception's weights: URL or path")
     a.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints")
     a.add_argument("--tensorboard", action="store_true", help="also log every number to TensorBoard, under "
                    "<results-dir>/tensorboard (needs the tensorboard package; log.jsonl and curves.png are always "
@@ -162,6 +173,9 @@ def parse_args(argv=None):
         except ImportError:
             p.error("--tensorboard needs the tensorboard package, which is optional: pip install tensorboard, or "
                     "leave the flag out (log.jsonl and curves.png in the run directory hold the same numbers)")
+    if args.fid_every and not args.fid_ref:
+        p.error("--fid-every needs --fid-ref, the reference statistics: make them once with python fid.py --make-ref "
+                "IMAGE_FOLDER (or shapes, or an .npz) --image-size=N ref.npz")
     if args.results_dir is None:
         args.results_dir = os.path.join("results", f"{args.model.replace('/', '-')}-{args.routing}")
     if not (0 <= args.adam_betas[0] < 1 and 0 <= args.adam_betas[1] < 1):
@@ -171,10 +185,11 @@ def parse_args(argv=None):
     ones = ("chunk", "global_batch_size", "micro_batch_size", "log_every", "ckpt_every", "max_steps", "eval_samples",
             "sample_steps", "bench_steps", "depth", "hidden_size", "num_heads", "image_size", "repa_depth")
     check_values(p, args, at_least={**dict.fromkeys(ones, 1), "eval_every": 0, "sample_every": 0, "grad_clip": 0.0,
-                                    "warmup_steps": 0, "weight_decay": 0.0,
+                                    "warmup_steps": 0, "weight_decay": 0.0, "fid_every": 0, "fid_samples": 1,
+                                    "fid_cfg": 0.0,
                                     "repa_coeff": 0.0, "sample_cfg": 0.0}, positive=("lr",),
                  within={"ema_decay": (0.0, 1.0), "class_dropout": (0.0, 1.0)},
-                 readable=("init_from", "repa_encoder", "vae"),
+                 readable=("init_from", "repa_encoder", "vae", "fid_ref", "inception"),
                  writable=("results_dir",))
     return args
 
@@ -242,9 +257,11 @@ def main(args):
     # Rank 0 reads every shard once to check its CRCs (the others check sizes): damage stops the job before step 1.
     crc = master and args.data_check == "crc"
     data = load_data(args.data or args.data_path or "random", args.image_size, args.seed, args.eval_samples, crc)
-    vae = None  # decodes the sample grids of latent models
-    if isinstance(data, Latents) and master and args.sample_every:
+    vae = None  # decodes the sample grids (rank 0) and FID samples (every rank) of latent models
+    if isinstance(data, Latents) and (master and args.sample_every or args.fid_every):
         vae = load_vae(args.vae or data.manifest["vae"]).to(device)
+    fid_ref = fid_reference(args.fid_ref, data) if args.fid_every else None
+    inception = load_inception(args.inception).to(device) if args.fid_every else None
     if args.unconditional:
         data = OneClass(data)
     model = build_model(args, data).to(device)
@@ -362,6 +379,8 @@ def main(args):
                 write_log(log, dict(step=step, **evaluate(args, model, ema, data, device, autocast, rank, world)))
             if master and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
                 sample_grid(args, ema, data, device, step, vae)
+            if args.fid_every and (step % args.fid_every == 0 or step == args.max_steps):
+                write_log(log, dict(step=step, **fid_of_ema(args, ema, device, vae, inception, fid_ref, rank, world)))
             saved = step % args.ckpt_every == 0 or step == args.max_steps
             if saved:
                 path = save(step)
@@ -429,6 +448,54 @@ def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, every parameter and buffer (pos_embed too, as SiT), in one
     foreach call (a few kernels, not one per tensor; the same arithmetic as a lerp_ each)."""
     torch._foreach_lerp_(list(ema.state_dict().values()), list(model.state_dict().values()), 1 - decay)
+
+
+def fid_reference(path, data):
+    """(mu, sigma) of the reference statistics in `path`, checked against the images this run's samples will be."""
+    pixels = data.size * (8 if data.channels == 4 else 1)  # latents are the images at 1/8
+    with np.load(path) as ref:
+        if "mu" not in ref.files or "sigma" not in ref.files:
+            raise SystemExit(f"--fid-ref {path} has no statistics (mu, sigma): add them once with python fid.py "
+                             f"--make-ref {path} ref_stats.npz, and give that file")
+        mu, sigma = ref["mu"], ref["sigma"]
+    size = check_batch(path, "reference")
+    if tuple(size) != (pixels, pixels):
+        raise SystemExit(f"--fid-ref {path} holds {size[0]}x{size[1]} images and this run's samples are {pixels}x"
+                         f"{pixels}: FID across resolutions mostly measures the resolution. Make a reference of "
+                         f"{pixels}px images (fid.py --make-ref ... --image-size={pixels})")
+    return mu, sigma
+
+
+FID_BATCH = 50  # samples per model call while measuring FID
+
+
+@torch.no_grad()
+def fid_of_ema(args, ema, device, vae, inception, reference, rank, world):
+    """FID and IS of --fid-samples EMA samples: sample.py's classes and noise for samples 0..K-1 (functions of
+    (seed, i)), Heun with --sample-steps, guidance --fid-cfg; rank r makes the r-th contiguous block, and every
+    rank gathers the Inception features of all, so the result does not depend on the number of processes."""
+    K = args.fid_samples
+    per = -(-K // world)
+    first, mine = rank * per, max(0, min(per, K - rank * per))
+    cfg = args.fid_cfg if ema.config.class_dropout_prob > 0 else 1.0  # no null class: no guidance
+    pool = torch.zeros(per, 2048, dtype=torch.float64, device=device)
+    logits = torch.zeros(per, 1008, dtype=torch.float64, device=device)
+    for start in range(0, mine, FID_BATCH):
+        n = min(FID_BATCH, mine - start)
+        y, z = batch_inputs(ema, first + start, n, args.seed, device)
+        images = decode(sample_ode(ema, z, y, num_steps=args.sample_steps, cfg_scale=cfg).float(), vae)
+        out = inception(torch.from_numpy(images).to(device))
+        pool[start:start + n], logits[start:start + n] = out["pool"].double(), out["logits"].double()
+    if world > 1:
+        gathered = []
+        for mine_only in (pool, logits):
+            parts = [torch.zeros_like(mine_only) for _ in range(world)]
+            dist.all_gather(parts, mine_only)
+            gathered.append(torch.cat(parts))
+        pool, logits = gathered
+    pool, logits = pool[:K].cpu().numpy(), logits[:K].cpu().numpy()
+    return dict(fid=float(frechet_distance(*statistics(pool), *reference)),
+                inception_score=float(inception_score(logits)), fid_samples=K)
 
 
 @torch.no_grad()

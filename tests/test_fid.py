@@ -285,9 +285,13 @@ def test_evaluate_end_to_end_and_reference_statistics(tmp_path):
 
 def test_fid_cli_on_a_toy_reference_batch(tmp_path):
     torch.save(fid.load_inception("random").state_dict(), tmp_path / "inception.pth")
-    fid.main(["--make-ref", "shapes", "--image-size", "16", "--num", "8", str(tmp_path / "ref.npz")])
+    fid.main(["--make-ref", "shapes", "--image-size", "16", "--num", "8", str(tmp_path / "ref.npz"),
+              f"--inception={tmp_path / 'inception.pth'}"])
     with np.load(tmp_path / "ref.npz") as f:
         assert f["arr_0"].shape == (8, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+        acts = fid.features(fid.load_inception("random"), [f["arr_0"]])
+        np.testing.assert_allclose(f["mu"], acts["pool"].mean(0), rtol=1e-12)
+        np.testing.assert_allclose(f["sigma_s"], np.cov(acts["spatial"], rowvar=False), rtol=1e-10, atol=1e-14)
     out = subprocess.run([sys.executable, "fid.py", str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"),
                           f"--inception={tmp_path / 'inception.pth'}", f"--json={tmp_path / 'm.json'}"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -453,3 +457,78 @@ def test_sample_speed_flags_set_tf32_and_compile_and_old_batches_resume_as_they_
         sampler.check_settings(sampler.parse_args([*common, "--no-tf32"]), str(tmp_path / "old.parts"), 0, 1)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+#################################################################################
+#                 Reference batches from anything; FID while training           #
+#################################################################################
+
+def test_make_ref_from_an_image_folder_crops_as_adm_and_from_an_npz_adds_missing_statistics(tmp_path):
+    from PIL import Image
+
+    from prepare_imagenet import center_crop
+
+    torch.save(fid.load_inception("random").state_dict(), tmp_path / "inception.pth")
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "deeper").mkdir(parents=True)
+    sizes = [(40, 30), (33, 33), (64, 20), (20, 48)]
+    for i, (w, h) in enumerate(sizes):
+        folder = tmp_path / "imgs" / ("deeper" if i % 2 else "")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not an image")
+    inc = f"--inception={tmp_path / 'inception.pth'}"
+    fid.main(["--make-ref", str(tmp_path / "imgs"), "--image-size", "16", str(tmp_path / "folder.npz"), inc])
+    with np.load(tmp_path / "folder.npz") as f:
+        files = sorted([str(tmp_path / "imgs" / "0.png"), str(tmp_path / "imgs" / "2.png"),
+                        str(tmp_path / "imgs" / "deeper" / "1.png"), str(tmp_path / "imgs" / "deeper" / "3.png")])
+        expected = np.stack([center_crop(Image.open(p).convert("RGB"), 16) for p in files])
+        np.testing.assert_array_equal(f["arr_0"], expected)  # every readable image, sorted by path, ADM's crop
+        acts = fid.features(fid.load_inception("random"), [expected])
+        np.testing.assert_allclose(f["sigma"], np.cov(acts["pool"], rowvar=False), rtol=1e-10, atol=1e-14)
+    np.savez(tmp_path / "bare.npz", arr_0=expected)  # images only, as sample.py writes
+    fid.main(["--make-ref", str(tmp_path / "bare.npz"), str(tmp_path / "stats.npz"), inc])
+    with np.load(tmp_path / "stats.npz") as f, np.load(tmp_path / "folder.npz") as g:
+        assert all(np.array_equal(f[k], g[k]) for k in ("arr_0", "mu", "sigma", "mu_s", "sigma_s"))
+
+
+def test_fid_while_training_is_fid_py_on_sample_py_samples_and_the_same_on_two_ranks(tmp_path):
+    import train
+
+    torch.save(fid.load_inception("random").state_dict(), tmp_path / "inception.pth")
+    inc = f"--inception={tmp_path / 'inception.pth'}"
+    fid.main(["--make-ref", "shapes", "--image-size", "8", "--num", "6", str(tmp_path / "ref.npz"), inc])
+    flags = ["--data=shapes", "--image-size=8", "--model=SiT-S/4", "--depth=2", "--hidden-size=32", "--num-heads=2",
+             "--precision=fp32", "--global-batch-size=4", "--eval-every=0", "--sample-every=0", "--ckpt-every=2",
+             "--max-steps=2", "--fid-every=2", "--fid-samples=5", f"--fid-ref={tmp_path / 'ref.npz'}", inc,
+             "--sample-steps=2"]
+    train.main(train.parse_args([*flags, f"--results-dir={tmp_path / 'one'}"]))
+    logged = [r for r in map(json.loads, open(tmp_path / "one" / "log.jsonl")) if "fid" in r]
+    assert [(r["step"], r["fid_samples"]) for r in logged] == [(2, 5)]
+    sample("--ckpt=" + str(tmp_path / "one" / "checkpoints" / "0000002.pt"), "--num-fid-samples=5", "--batch-size=5",
+           "--num-steps=2", "--cfg-scale=1", f"--out={tmp_path / 'samples.npz'}")
+    metrics = fid.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), fid.load_inception("random"))
+    assert logged[0]["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
+    assert logged[0]["inception_score"] == pytest.approx(metrics["inception_score"], rel=1e-6)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *flags, f"--results-dir={tmp_path / 'two'}"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    two = [r for r in map(json.loads, open(tmp_path / "two" / "log.jsonl")) if "fid" in r]
+    assert two[0]["fid"] == pytest.approx(logged[0]["fid"], rel=1e-3)  # 3 + 2 samples per rank, not 5 in one batch
+
+
+def test_fid_while_training_refuses_a_reference_it_cannot_use_before_any_step(tmp_path):
+    import train
+
+    np.savez(tmp_path / "bare.npz", arr_0=np.zeros((6, 8, 8, 3), np.uint8))
+    big = dict(mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((6, 16, 16, 3), np.uint8), **big)
+    base = ["--data=shapes", "--image-size=8", "--model=SiT-S/4", "--depth=2", "--hidden-size=32", "--num-heads=2",
+            "--max-steps=1", "--fid-every=1", "--inception=random"]
+    for ref, message in (("bare.npz", "has no statistics (mu, sigma): add them once with python fid.py --make-ref"),
+                         ("big.npz", "holds 16x16 images and this run's samples are 8x8")):
+        with pytest.raises(SystemExit, match=message.replace("(", "\\(").replace(")", "\\)")):
+            train.main(train.parse_args([*base, f"--fid-ref={tmp_path / ref}", f"--results-dir={tmp_path / 'run'}"]))
+        assert not (tmp_path / "run").exists()  # refused before the run directory is made
+    with pytest.raises(SystemExit):
+        train.parse_args(base)  # --fid-every without --fid-ref
