@@ -11,6 +11,8 @@ encodes. `Stream` draws training's global batches: every random draw of a step a
 import json
 import math
 import os
+import queue
+import threading
 import zlib
 
 import numpy as np
@@ -319,3 +321,57 @@ class Stream:
             flip=torch.rand(self.G, generator=g, device=dev) < 0.5,  # latents only
             eps=torch.randn(shape, generator=g, device=dev),  # the interpolant's noise
             posterior=torch.randn(shape, generator=g, device=dev))  # latents only: the posterior sample's noise
+
+
+class Prefetcher:
+    """What make(step) returns for the steps first..last - 1 in order, made `depth` steps ahead by a background
+    thread (depth 0: made on demand, in the caller's thread). make is a function of the step alone (train.py's
+    load_step: the draw and the batches, functions of (seed, step)), so prefetching changes when the numbers are
+    computed, never which. An error in the thread is raised by get() of its step. A context: leaving it stops
+    the thread.
+
+        with Prefetcher(lambda s: load_step(data, stream, s, ...), step, max_steps) as batches:
+            while step < max_steps:
+                draw, parts = batches.get(step)
+    """
+
+    def __init__(self, make, first, last, depth=2):
+        self.make, self.depth = make, depth
+        if depth:
+            self.queue, self.stopped = queue.Queue(depth), threading.Event()
+            self.thread = threading.Thread(target=self._run, args=(first, last), daemon=True, name="prefetch")
+            self.thread.start()
+
+    def _run(self, first, last):
+        for step in range(first, last):
+            try:
+                item = (step, self.make(step), None)
+            except BaseException as e:  # handed to the loop, which raises it at this step
+                item = (step, None, e)
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if item[2] is not None or self.stopped.is_set():
+                return
+
+    def get(self, step):
+        if not self.depth:
+            return self.make(step)
+        made, value, error = self.queue.get()
+        if error is not None:
+            raise error
+        if made != step:
+            raise RuntimeError(f"the prefetcher made step {made} where step {step} was asked for: get() must ask "
+                               "for the steps in order, from the first")
+        return value
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.depth:
+            self.stopped.set()
+            self.thread.join(timeout=10)

@@ -38,7 +38,7 @@ from checkpoint import (checkpoints_by_step, init_from, nonfinite_tensors, refus
                         save_checkpoint, sha256_of)
 from cli import HelpFormatter, Preemption, check_values, close_distributed, setup_distributed
 from dar import FINAL_AGGS, KERNELS, ROUTINGS
-from data import Latents, OneClass, Stream, load_data
+from data import Latents, OneClass, Prefetcher, Stream, load_data
 from diagnose import heat_maps, routing_maps, training_curves
 from model import SiT_models, forward_flops, interpolate, model_config
 from fid import check_batch, frechet_distance, inception_score, statistics
@@ -54,7 +54,7 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20",
 # resume that changes one is refused; so a flag you add counts as run-defining until you name it here.
 RETUNABLE = ("lr", "grad_clip", "precision", "micro_batch_size", "kernel", "compile", "grad_checkpoint")  # printed
 PER_INVOCATION = ("results_dir", "resume", "init_from", "data_check", "max_steps", "log_every", "eval_every",
-                  "sample_every", "sample_steps", "sample_cfg", "vae", "ckpt_every", "tensorboard", "bench",
+                  "sample_every", "sample_steps", "sample_cfg", "vae", "ckpt_every", "tensorboard", "bench", "prefetch",
                   "bench_steps", "traffic", "fid_every", "fid_samples", "fid_cfg", "fid_ref", "inception",
                   "repa_encoder")  # repa_encoder: where the weights are on this machine (checkpoints keep their sha256)
 # Run-defining flags added since runs were saved, and the value those runs used: they resume with it.
@@ -107,6 +107,8 @@ def parse_args(argv=None):
     a.add_argument("--compile", action="store_true", help="torch.compile the model")
     a.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward")
     a.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and every draw")
+    a.add_argument("--prefetch", type=int, default=2, help="steps whose batches a background thread reads ahead "
+                   "(the same numbers as reading them in the step; 0: read in the step)")
     a = p.add_argument_group("REPA")
     a.add_argument("--repa", action="store_true", help="add REPA's alignment loss (DINOv2-B features)")
     a.add_argument("--repa-encoder", default=repa.DINOV2_URL, help="dinov2_vitb14_pretrain.pth: path or URL")
@@ -186,6 +188,7 @@ def parse_args(argv=None):
             "sample_steps", "bench_steps", "depth", "hidden_size", "num_heads", "image_size", "repa_depth")
     check_values(p, args, at_least={**dict.fromkeys(ones, 1), "eval_every": 0, "sample_every": 0, "grad_clip": 0.0,
                                     "warmup_steps": 0, "weight_decay": 0.0, "fid_every": 0, "fid_samples": 1,
+                                    "prefetch": 0,
                                     "fid_cfg": 0.0,
                                     "repa_coeff": 0.0, "sample_cfg": 0.0}, positive=("lr",),
                  within={"ema_decay": (0.0, 1.0), "class_dropout": (0.0, 1.0)},
@@ -258,7 +261,7 @@ def main(args):
     crc = master and args.data_check == "crc"
     data = load_data(args.data or args.data_path or "random", args.image_size, args.seed, args.eval_samples, crc)
     vae = None  # decodes the sample grids (rank 0) and FID samples (every rank) of latent models
-    if isinstance(data, Latents) and (master and args.sample_every or args.fid_every):
+    if isinstance(data, Latents) and not args.bench and (master and args.sample_every or args.fid_every):
         vae = load_vae(args.vae or data.manifest["vae"]).to(device)
     fid_ref = fid_reference(args.fid_ref, data) if args.fid_every else None
     inception = load_inception(args.inception).to(device) if args.fid_every else None
@@ -341,14 +344,16 @@ def main(args):
 
     # 3. The loop. A SIGTERM or SIGUSR1 (a scheduler's warning) checkpoints at the end of the step and stops.
     first_step = step
-    with Preemption() as preempt:
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
+    batches = Prefetcher(lambda s: load_step(data, stream, s, model.config.class_dropout_prob, mine, micro, accum,
+                                             encoder is not None), step, args.max_steps, args.prefetch)
+    with Preemption() as preempt, batches:
         while step < args.max_steps:
-            draw = stream.draw(step, model.config.class_dropout_prob)
+            draw, parts = batches.get(step)
             if args.warmup_steps:  # set every step: a resume continues the ramp where it was
                 for group in opt.param_groups:
                     group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-            mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
-            losses, grad_norm = train_step(args, module, opt, data, draw, mine, micro, accum, encoder, autocast,
+            losses, grad_norm = train_step(args, module, opt, draw, parts, mine, micro, accum, encoder, autocast,
                                            model.config.num_classes)
             update_ema(ema, model, args.ema_decay)
             finite_grads &= torch.isfinite(grad_norm)
@@ -392,14 +397,24 @@ def main(args):
                              "command and --resume=latest")
 
 
-def train_step(args, module, opt, data, draw, mine, micro, accum, encoder, autocast, null_class):
-    """One optimiser step over this rank's share of the global batch; returns ((loss, repa loss), grad norm)."""
-    total, total_repa = 0.0, 0.0
+def load_step(data, stream, step, drop_prob, mine, micro, accum, images):
+    """(the draw of `step`, [(x1, y, images) of each accumulation pass over this rank's share]): everything a
+    step reads from the data, a function of (seed, step), made by the Prefetcher ahead of the step."""
+    draw = stream.draw(step, drop_prob)
+    parts = []
     for k in range(accum):
         part = slice(mine.start + k * micro, mine.start + (k + 1) * micro)
-        indices = draw["indices"][part]
-        x1, y, images = data.batch(indices, draw["flip"][part], draw["posterior"][part], images=encoder is not None)
-        x1, y = x1.to(draw["t"].device), y.to(draw["t"].device)
+        x1, y, pixels = data.batch(draw["indices"][part], draw["flip"][part], draw["posterior"][part], images=images)
+        parts.append((x1.to(draw["t"].device, non_blocking=True), y.to(draw["t"].device, non_blocking=True), pixels))
+    return draw, parts
+
+
+def train_step(args, module, opt, draw, parts, mine, micro, accum, encoder, autocast, null_class):
+    """One optimiser step over this rank's share of the global batch, whose passes' data are `parts`
+    (load_step); returns ((loss, repa loss), grad norm)."""
+    total, total_repa = 0.0, 0.0
+    for k, (x1, y, images) in enumerate(parts):
+        part = slice(mine.start + k * micro, mine.start + (k + 1) * micro)
         y = torch.where(draw["drop"][part], null_class, y)  # for classifier-free guidance
         xt, target = interpolate(x1, draw["eps"][part], draw["t"][part])
         if isinstance(module, DDP):
@@ -545,24 +560,41 @@ def sample_grid(args, ema, data, device, step, vae):
 
 def bench(args, module, opt, model, ema, encoder, data, device, autocast, world, micro, accum):
     """--bench: time full training steps (forward, backward, optimiser, EMA) on the device, on data
-    drawn as training draws it; print step time, images/s, peak memory and MFU as one table row."""
+    drawn as training draws it, read ahead as --prefetch says; print step time, images/s, peak memory and MFU as
+    one table row. On prepared latents (--data-path) a line before it compares the reading: batches/s of the
+    loader alone, and the step time with the batches read in the step (--prefetch=0)."""
     steps = args.bench_steps
     warmup = min(5, steps)
     stream = Stream(data, args.global_batch_size, args.seed, device)
     per_rank = args.global_batch_size // world
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for step in range(warmup + steps):
-        if step == warmup:
+    make = lambda s: load_step(data, stream, s, model.config.class_dropout_prob, slice(0, per_rank), micro, accum,
+                               encoder is not None)
+
+    def timed(depth):
+        with Prefetcher(make, 0, warmup + steps, depth) as batches:
+            for step in range(warmup + steps):
+                if step == warmup:
+                    sync()
+                    start = time.time()
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                draw, parts = batches.get(step)
+                train_step(args, module, opt, draw, parts, slice(0, per_rank), micro, accum, encoder, autocast,
+                           model.config.num_classes)
+                update_ema(ema, model, args.ema_decay)
             sync()
-            start = time.time()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-        draw = stream.draw(step, model.config.class_dropout_prob)
-        train_step(args, module, opt, data, draw, slice(0, per_rank), micro, accum, encoder, autocast,
-                   model.config.num_classes)
-        update_ema(ema, model, args.ema_decay)
-    sync()
-    step_time = (time.time() - start) / steps
+        return (time.time() - start) / steps
+
+    if isinstance(data, Latents):
+        start = time.time()
+        for step in range(steps):
+            make(step)
+        sync()
+        alone = steps / (time.time() - start)
+        print(f"loader: {alone:.1f} batches/s alone; step {timed(0):.3f} s reading in the step (--prefetch=0), "
+              f"the row below with --prefetch={args.prefetch}")
+    step_time = timed(args.prefetch)
     images_per_s = args.global_batch_size / step_time
     peak = peak_flops(device, args.precision)
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB" if device.type == "cuda" else "n/a"

@@ -531,3 +531,45 @@ def test_tensorboard_is_optional_and_gets_every_number(tmp_path, capsys, monkeyp
     train(tmp_path, "--tensorboard", "--eval-every=2", "--eval-samples=8", steps=2)
     assert scalars[0] == str(tmp_path / "run" / "tensorboard")
     assert {("loss", 1), ("grad_norm", 2), ("eval_loss", 2), ("eval_loss_ema", 2)} <= set(scalars[1:])
+
+
+#################################################################################
+#                                Reading ahead                                  #
+#################################################################################
+
+def test_prefetching_changes_no_number_of_a_run(tmp_path):
+    train(tmp_path, "--prefetch=0", "--routing=dynamic", name="in_step", steps=4)
+    train(tmp_path, "--prefetch=3", "--routing=dynamic", name="ahead", steps=4)
+    a, b = (load_checkpoint(str(tmp_path / n / "checkpoints" / "0000003.pt")) for n in ("in_step", "ahead"))
+    assert all(torch.equal(a[k][name], b[k][name]) for k in ("model", "ema") for name in a[k])
+
+
+def test_the_prefetcher_hands_on_each_step_in_order_and_raises_the_threads_error_at_its_step():
+    import threading
+
+    from data import Prefetcher
+
+    def make(step):
+        if step == 4:
+            raise OSError("shard-00004: input/output error")
+        return step * step
+
+    with Prefetcher(make, 2, 10, depth=2) as batches:
+        assert [batches.get(s) for s in (2, 3)] == [4, 9]
+        with pytest.raises(OSError, match="shard-00004"):
+            batches.get(4)
+    with Prefetcher(make, 0, 1000, depth=2) as batches:
+        assert batches.get(0) == 0
+        with pytest.raises(RuntimeError, match="must ask for the steps in order"):
+            batches.get(5)
+    assert not any(t.name == "prefetch" for t in threading.enumerate())  # leaving the context stops the thread
+    assert Prefetcher(make, 0, 10, depth=0).get(3) == 9  # depth 0: made on demand
+
+
+def test_bench_on_prepared_latents_compares_reading_ahead_with_reading_in_the_step(tmp_path, capsys):
+    make_latent_dir(tmp_path / "lat", n=12, images=False)
+    main(parse_args([f"--data-path={tmp_path / 'lat'}", *TINY, "--global-batch-size=4", "--bench", "--bench-steps=2",
+                     "--eval-samples=4", f"--results-dir={tmp_path / 'b'}"]))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("loader: ") and "batches/s alone; step " in out[0] and "--prefetch=2" in out[0]
+    assert out[-1].startswith("| CPU | SiT-S/4 |")  # the row tools/gpu_check.py reads stays the last line
