@@ -210,15 +210,15 @@ def test_resume_refuses_settings_that_would_not_continue_the_run(run_dir, flag, 
 
 
 def test_a_flag_that_no_resume_rule_names_defines_the_run(tmp_path, monkeypatch, capsys):
-    """A flag a forker adds (here warmup_steps) is refused on resume when it changes, until train.py names it
+    """A flag a forker adds (here ema_warmup) is refused on resume when it changes, until train.py names it
     RETUNABLE, whereupon the change is printed."""
     run_train(tmp_path)  # a run of its own: the resume below writes step 6
     parse = train.parse_args
-    monkeypatch.setattr(train, "parse_args", lambda argv: argparse.Namespace(**vars(parse(argv)), warmup_steps=5))
-    assert_refused(lambda: run_train(tmp_path, "--resume=latest", steps=6), "'warmup_steps': (None, 5)", tmp_path)
-    monkeypatch.setattr(train, "RETUNABLE", (*train.RETUNABLE, "warmup_steps"))
+    monkeypatch.setattr(train, "parse_args", lambda argv: argparse.Namespace(**vars(parse(argv)), ema_warmup=5))
+    assert_refused(lambda: run_train(tmp_path, "--resume=latest", steps=6), "'ema_warmup': (None, 5)", tmp_path)
+    monkeypatch.setattr(train, "RETUNABLE", (*train.RETUNABLE, "ema_warmup"))
     run_train(tmp_path, "--resume=latest", steps=6)
-    assert "changed (checkpoint, now): {'warmup_steps': (None, 5)}" in capsys.readouterr().out
+    assert "changed (checkpoint, now): {'ema_warmup': (None, 5)}" in capsys.readouterr().out
 
 
 def test_resume_allows_and_records_a_new_precision_and_micro_batch(tmp_path, capsys):

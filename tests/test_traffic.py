@@ -23,10 +23,12 @@ def test_counter_charges_reads_and_writes_by_hand():
             x + x  # reads x once, writes 4*8
             x + row.expand(4, 8)  # the broadcast operand costs its 8 distinct elements
             x.add_(1.0)  # in place: reads and writes x
+            torch._foreach_lerp_([x, w], [x, w], 0.1)  # in place, returning nothing (as AdamW's and the EMA's
+            # foreach updates): reads both lists (x and w once each) and writes the first
     rows = counter.rows
     assert rows["matmul + attention"]["bytes"] == 4 * (32 + 24 + 12) and rows["matmul + attention"]["kernels"] == 1
     other = rows["other elementwise"]
-    assert other["bytes"] == 4 * ((32 + 32) + (32 + 8 + 32) + (32 + 32)) and other["kernels"] == 3
+    assert other["bytes"] == 4 * ((32 + 32) + (32 + 8 + 32) + (32 + 32) + (32 + 24 + 32 + 24)) and other["kernels"] == 4
     peak, bandwidth = traffic.DEVICES["H100"]
     assert rows["matmul + attention"]["H100"] == pytest.approx(max(2 * 4 * 8 * 3 / peak, 272 / bandwidth))
 

@@ -122,7 +122,7 @@ def keep(path, target):
     """Copy a finished run's small files (not its checkpoints) from OUT to RECORD, the log last and each file
     through a rename, so that a record with a log is a whole one."""
     os.makedirs(target, exist_ok=True)
-    names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and n != "log.jsonl")
+    names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".txt")))  # not curves.png: the report draws
     for name in [*names, "log.jsonl"]:
         shutil.copyfile(os.path.join(path, name), os.path.join(target, name + ".tmp"))
         os.replace(os.path.join(target, name + ".tmp"), os.path.join(target, name))

@@ -93,7 +93,10 @@ class Traffic(TorchDispatchMode):
             return out
         tensors = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
         read = {id(t): distinct_bytes(t) for t in tensors((args, kwargs))}  # each distinct input once
-        nbytes = sum(read.values()) + sum(distinct_bytes(t) for t in tensors(out))  # in place: read and written
+        written = tensors(out)  # in place: read and written
+        if not written and name.endswith("_"):  # in place returning nothing (the _foreach_*_ ops): it writes args[0]
+            written = tensors(args[0])
+        nbytes = sum(read.values()) + sum(distinct_bytes(t) for t in written)
         node = torch._C._current_autograd_node()
         if name in MATMULS:
             group = "matmul + attention"
@@ -160,7 +163,8 @@ def count_step(args):
         encoder = _FakeEncoder() if args.repa else None
         counter, (hooks, saved) = Traffic(), saved_bytes()
         with counter, hooks, _cuda_autocast_lists():
-            train.train_step(args, trainee, opt, data, draw, slice(0, args.global_batch_size), args.global_batch_size,
+            parts = [data.batch(draw["indices"], draw["flip"], draw["posterior"], images=args.repa)]  # as load_step
+            train.train_step(args, trainee, opt, draw, parts, slice(0, args.global_batch_size), args.global_batch_size,
                              1, encoder, autocast, model.config.num_classes)
             train.update_ema(ema, model, args.ema_decay)
     B, T = args.global_batch_size, (data.size // model.config.patch_size) ** 2
