@@ -368,7 +368,8 @@ def config_of_weights(state, source="the checkpoint"):
                 learn_sigma=state["final_layer.linear.weight"].shape[0] == 2 * p * p * C)
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """python checkpoint.py CKPT OUT.safetensors: the export."""
     import argparse
 
     from cli import HelpFormatter, check_values
@@ -378,8 +379,12 @@ if __name__ == "__main__":
                                 formatter_class=HelpFormatter)
     p.add_argument("ckpt", help="one of train.py's checkpoints")
     p.add_argument("out", help="the .safetensors file to write")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     check_values(p, args, readable=("ckpt",), writable=("out",))
     if not args.out.endswith(".safetensors"):
         p.error(f"{args.out}: give a name ending in .safetensors (that is how the loaders know the format)")
     print(f"EMA weights of {args.ckpt} in {export(args.ckpt, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import sample
 import train
 from checkpoint import load_checkpoint, load_model, read_safetensors, write_safetensors
 from testdata.make_safetensors_fixture import METADATA, tensors
@@ -64,9 +66,8 @@ def test_sample_and_init_from_take_an_export(exported, tmp_path):
     root, ckpt, out = exported
     for source in (ckpt, out):
         grid = tmp_path / f"{os.path.basename(source)}.png"
-        said = subprocess.run([sys.executable, "sample.py", f"--ckpt={source}", f"--out={grid}", "--num-steps=2",
-                               "--per-class=1", "--classes", "0", "1"], cwd=ROOT, capture_output=True, text=True)
-        assert said.returncode == 0, said.stderr
+        sample.main(sample.parse_args([f"--ckpt={source}", f"--out={grid}", "--num-steps=2", "--per-class=1",
+                                       "--classes", "0", "1", "--no-tf32"]))  # leaves TF32 as other tests expect
     assert (tmp_path / "sit.safetensors.png").read_bytes() == (tmp_path / "0000003.pt.png").read_bytes()
     train.main(train.parse_args([*TINY, "--max-steps=1", f"--init-from={out}", f"--results-dir={tmp_path / 'ft'}",
                                  "--lr=1e-12"]))
@@ -75,12 +76,13 @@ def test_sample_and_init_from_take_an_export(exported, tmp_path):
     assert all(torch.allclose(started[k], ema[k], atol=1e-9) for k in ema)  # one step at lr 1e-12: the export
 
 
-def test_export_refuses_a_bare_state_dict_and_another_suffix(exported, tmp_path):
+def test_export_refuses_a_bare_state_dict_and_another_suffix(exported, tmp_path, capsys):
     root, ckpt, out = exported
     torch.save(load_checkpoint(ckpt)["ema"], tmp_path / "bare.pt")
     for argv, message in (([str(tmp_path / "bare.pt"), str(tmp_path / "x.safetensors")], "no config"),
                           ([ckpt, str(tmp_path / "x.pt")], "give a name ending in .safetensors"),
                           ([str(tmp_path / "missing.pt"), str(tmp_path / "x.safetensors")], "no such file")):
-        said = subprocess.run([sys.executable, "checkpoint.py", *argv], cwd=ROOT, capture_output=True, text=True)
-        assert said.returncode != 0 and message in said.stdout + said.stderr, said.stderr
-        assert not (tmp_path / "x.safetensors").exists()
+        with pytest.raises(SystemExit) as stop:
+            checkpoint.main(argv)
+        assert message in str(stop.value) + capsys.readouterr().err
+        assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.pt").exists()
