@@ -569,7 +569,7 @@ def test_the_prefetcher_hands_on_each_step_in_order_and_raises_the_threads_error
 def test_bench_on_prepared_latents_compares_reading_ahead_with_reading_in_the_step(tmp_path, capsys):
     make_latent_dir(tmp_path / "lat", n=12, images=False)
     main(parse_args([f"--data-path={tmp_path / 'lat'}", *TINY, "--global-batch-size=4", "--bench", "--bench-steps=2",
-                     "--eval-samples=4", f"--results-dir={tmp_path / 'b'}"]))
+                     "--eval-samples=4", "--prefetch=2", f"--results-dir={tmp_path / 'b'}"]))
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("loader: ") and "batches/s alone; step " in out[0] and "--prefetch=2" in out[0]
     assert out[-1].startswith("| CPU | SiT-S/4 |")  # the row tools/gpu_check.py reads stays the last line
