@@ -191,9 +191,8 @@ def parse_args(argv=None):
             "sample_steps", "bench_steps", "depth", "hidden_size", "num_heads", "image_size", "repa_depth")
     check_values(p, args, at_least={**dict.fromkeys(ones, 1), "eval_every": 0, "sample_every": 0, "grad_clip": 0.0,
                                     "warmup_steps": 0, "weight_decay": 0.0, "fid_every": 0, "fid_samples": 1,
-                                    "prefetch": 0,
-                                    "fid_cfg": 0.0,
-                                    "repa_coeff": 0.0, "sample_cfg": 0.0}, positive=("lr",),
+                                    "fid_cfg": 0.0, "prefetch": 0, "repa_coeff": 0.0, "sample_cfg": 0.0},
+                 positive=("lr",),
                  within={"ema_decay": (0.0, 1.0), "class_dropout": (0.0, 1.0)},
                  readable=("init_from", "repa_encoder", "vae", "fid_ref", "inception"),
                  writable=("results_dir",))
