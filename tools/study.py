@@ -375,7 +375,8 @@ def routing_distance(ckpt, ema=True, ts=(0.1, 0.5, 0.9), n=64):
     """(how far the routing weights are from uniform, how much they change with t) of a DAR checkpoint: the total
     variation distance 0.5 sum_i |alpha_i - 1/|S_l||, and 0.5 sum_i |alpha_i(t=0.1) - alpha_i(t=0.9)|, each
     averaged over aggregators with more than one source, tokens and n held-out images (fixed noise) and, for the
-    first, over t. Both are 0 at initialisation (every query starts at zero); the second is 0 for static DAR."""
+    first, over t. Both are 0 at initialisation (every query starts at zero). Static DAR's weights depend on t
+    too, though its queries do not: the keys are the normalised sources, which depend on the input x_t."""
     import torch
 
     from checkpoint import load_model
@@ -472,7 +473,8 @@ def quality_section(record, tiny):
                   "Total variation distance of the routing weights from uniform, averaged over aggregators with more "
                   "than one source, tokens, 64 held-out images and t in {0.1, 0.5, 0.9}; EMA weights (raw in "
                   "brackets), seed mean; 0 at step 0. Last column: the distance between the weights at t = 0.1 "
-                  "and t = 0.9 at the last step (0 for static DAR by construction).", "",
+                  "and t = 0.9 at the last step (static DAR's too: its query is fixed, but its keys, the "
+                  "normalised sources, depend on x_t).", "",
                   "| run | seeds | " + " | ".join(f"step {s}" for s in steps) + " | t = 0.1 vs 0.9 |",
                   "|---|---|" + "---|" * (len(steps) + 1), *table, ""]
     return lines
