@@ -222,11 +222,12 @@ def evaluate(ref_path, sample_path, net, device="cpu", batch_size=64, half=True)
 
 def folder_images(root, image_size, num, seed=0):
     """uint8 (n, image_size, image_size, 3): ADM's centre crop (prepare_imagenet.py's, as the training data) of
-    `num` image files drawn at random (seeded) from every image under root, or of all of them if num is None;
-    files that cannot be read are skipped and counted."""
+    `num` image files drawn at random (seeded) from every image under root (all of them if there are fewer);
+    files that cannot be read are skipped and counted. They are held in memory: num x image_size^2 x 3 bytes."""
     from prepare_imagenet import EXTENSIONS, load_image
 
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.lower().endswith(EXTENSIONS))
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                   if f.lower().endswith(EXTENSIONS))
     if not files:
         raise SystemExit(f"{root} holds no image files ({', '.join(EXTENSIONS)}): give a folder of images, 'shapes' "
                          "or an .npz")
@@ -254,7 +255,7 @@ def make_reference(source, image_size, num, path, net, device="cpu", batch_size=
         data = Shapes(size=image_size, seed=seed, num_eval=num or 10_000)
         images, kept = data.images(data.eval)[0], {}
     elif os.path.isdir(source):
-        images, kept = folder_images(source, image_size, num, seed), {}
+        images, kept = folder_images(source, image_size, num or 10_000, seed), {}
     else:
         check_batch(source, "reference")
         with np.load(source) as ref:
@@ -282,11 +283,12 @@ def main(argv=None):
     p.add_argument("--make-ref", help="instead: write a reference batch (images and statistics) of 'shapes' (the "
                    "toy data), an image folder, or an .npz")
     p.add_argument("--image-size", type=int, default=32, help="--make-ref: crop size for a folder, or the toy size")
-    p.add_argument("--num", type=int, help="--make-ref: number of images (default: 10,000 for shapes, all of a "
-                   "folder or .npz; a folder's are then drawn at random)")
+    p.add_argument("--num", type=int, help="--make-ref: number of images (default 10,000, as ADM's reference "
+                   "batches, drawn at random from a folder; all of an .npz)")
     args = p.parse_args(argv)
     check_values(p, args, at_least={"batch_size": 1, "image_size": 1, "num": 1}, readable=("inception",),
                  writable=("json",))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 moves FID
     if args.make_ref:
         if len(args.files) != 1 or not args.files[0].endswith(".npz"):
             p.error("with --make-ref give one file to write, ending in .npz")
@@ -302,7 +304,6 @@ def main(argv=None):
         raise ValueError(f"reference images are {ref_size} and samples {sample_size}: both would be resized to 299, "
                          "but FID between two resolutions mostly measures the resolution. Use the reference batch of "
                          "the samples' resolution (ADM publishes one for 64, 128, 256 and 512)")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 moves FID
     device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = evaluate(*args.files, load_inception(args.inception).to(device), device, args.batch_size,
                        half=not args.exact_distances)

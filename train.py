@@ -501,7 +501,10 @@ def fid_of_ema(args, ema, device, vae, inception, reference, rank, world):
         n = min(FID_BATCH, mine - start)
         y, z = batch_inputs(ema, first + start, n, args.seed, device)
         images = decode(sample_ode(ema, z, y, num_steps=args.sample_steps, cfg_scale=cfg).float(), vae)
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as fid.py: TF32 moves FID
         out = inception(torch.from_numpy(images).to(device))
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         pool[start:start + n], logits[start:start + n] = out["pool"].double(), out["logits"].double()
     if world > 1:
         gathered = []
