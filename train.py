@@ -273,7 +273,7 @@ def main(args):
     model.grad_checkpoint = args.grad_checkpoint
     projector, encoder = None, None
     if args.repa:
-        pixels = data.size * (8 if data.channels == 4 else 1)  # latents are the images at 1/8
+        pixels = image_pixels(data)
         grid, tokens = repa.input_size(pixels) // 14, (data.size // model.config.patch_size) ** 2
         if tokens != grid ** 2:
             fix = (f"use a SiT-*/{data.size // grid} model on these {data.size} x {data.size} inputs" if data.size
@@ -467,9 +467,14 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.state_dict().values()), list(model.state_dict().values()), 1 - decay)
 
 
+def image_pixels(data):
+    """The side of the images behind the model's inputs: latents are the images at 1/8, the toy data is pixels."""
+    return data.size * (8 if data.channels == 4 else 1)
+
+
 def fid_reference(path, data):
     """(mu, sigma) of the reference statistics in `path`, checked against the images this run's samples will be."""
-    pixels = data.size * (8 if data.channels == 4 else 1)  # latents are the images at 1/8
+    pixels = image_pixels(data)
     with np.load(path) as ref:
         if "mu" not in ref.files or "sigma" not in ref.files:
             raise SystemExit(f"--fid-ref {path} has no statistics (mu, sigma): add them once with python fid.py "
