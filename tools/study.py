@@ -128,14 +128,22 @@ def keep(path, target):
         os.replace(os.path.join(target, name + ".tmp"), os.path.join(target, name))
 
 
+def order(job):
+    """The training order: the main part's first three seeds, then one seed of every sweep point, then the
+    rest seed by seed, so that a study stopped part-way has a rough answer to every claim."""
+    run, seed = job
+    first = seed < 3 if run.part == "main" else seed == 0
+    return (not first, run.part != "main", seed)
+
+
 def train(out, record, tiny, log=print, jobs=1):
     """Every run not yet recorded, `jobs` at a time (each with its share of the CPU's threads: these narrow
     models run faster as two one-thread processes than as one two-thread one), each evaluated and recorded as
     soon as it ends; returns how many were trained (or continued) now."""
     common = TINY if tiny else RECIPE
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    pending = sorted(((run, seed) for run in plan(tiny) for seed in run.seeds  # main first, seed by seed
-                      if not recorded(record, run, seed)), key=lambda j: (j[0].part != "main", j[1]))
+    pending = sorted(((run, seed) for run in plan(tiny) for seed in run.seeds if not recorded(record, run, seed)),
+                     key=order)
     if not tiny and any(run.part == "main" for run, _ in pending):
         from toy_accuracy import load_classifier
         load_classifier(16, CLASSIFIER)  # trained once, here, before the runs that share it
