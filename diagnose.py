@@ -36,7 +36,8 @@ from data import load_data
 from checkpoint import load_model
 from model import interpolate, modulate
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
+           (140, 86, 75), (227, 119, 194)]
 
 
 def parse_args(argv=None):

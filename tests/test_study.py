@@ -54,6 +54,8 @@ def test_study_resumes_run_by_run_records_and_reports_paired_tables(tmp_path):
     distances = json.load(open(os.path.join(study.run_dir(record, main["static c4"], 0), "routing.json")))
     assert sorted(map(int, distances)) == [2, 4] and all(0 <= d["ema"][0] <= 1 for d in distances.values())
     assert "| static c4 | 2 | " in text.split("## How far routing moved from uniform")[1]
+    assert "| chunking against dense routing | static c4 - static dense | 2 | " in text  # a paired contrast
+    assert "| blocks | seeds | S = 1 | S = 2 | S = 4 |" in text and "\n| 2 | 2 | " in text  # the sweep's means
     for figure in ("curves_eval_loss_ema.png", "curves_eval_loss.png", "chunk_sweep.png"):
         assert (tmp_path / "published" / figure).exists() and f"]({figure})" in text
 
@@ -99,6 +101,21 @@ def test_chunk_optimum_finds_the_bottom_of_a_u_and_none_in_a_slope():
     assert abs(fitted - 4.0) < 0.1 and low <= fitted <= high and high - low < 0.5 and share > 0.95
     slope = {s: list(0.2 + 0.01 * np.log(s) + 1e-4 * rng.standard_normal(3)) for s in study.SWEEP}
     assert study.optimum(slope)[::3] == (None, 0.0)
+    # A seed effect ten times the U's depth, shared by every S (as the runs share a seed's data): the paired
+    # resamples still find the bottom in every draw and place it tightly.
+    seeds = np.array([-0.1, 0.0, 0.1])
+    shifted = {s: list(np.array(v) + seeds) for s, v in u.items()}
+    fitted, low, high, share = study.optimum(shifted)
+    assert abs(fitted - 4.0) < 0.1 and high - low < 0.5 and share > 0.95
+
+
+def test_sqrt_law_fits_c_and_the_exponent():
+    c_low, c_high = study.predicted(1)
+    fits = {L: 0.5 * L ** 0.5 for L in (8, 16, 32)}
+    text = study.sqrt_law(fits)
+    assert "c = 0.50" in text and f"predicted {c_low:.2f} to {c_high:.2f}" in text and "L^0.50" in text
+    assert "L^1.00" in study.sqrt_law({L: 0.1 * L for L in (8, 32)})
+    assert "cannot be fitted" in study.sqrt_law({})
 
 
 def test_predicted_optimum_is_eq_9_at_both_ends_of_alpha():

@@ -250,10 +250,11 @@ def mean_difference(samples):
 
 def optimum(sweep, draws=2000, seed=0):
     """Where the loss is lowest in S, from a parabola in log S fitted to the seed means (Eq. 9's cost adds a term
-    that falls with S to one that grows with it; a parabola in log S is the simplest U). Returns (S* of the fit,
-    None when it opens downward or its vertex lies outside the sweep; the 5th and 95th percentiles of S* over
-    bootstrap resamples of each S's seeds, None when no resample has a minimum inside; the share of resamples
-    that do)."""
+    that falls with S to one that grows with it; a parabola in log S is the simplest U). sweep: {S: losses of
+    the same seeds in the same order}. Returns (S* of the fit, None when it opens downward or its vertex lies
+    outside the sweep; the 5th and 95th percentiles of S* over bootstrap resamples of the seeds, None when no
+    resample has a minimum inside; the share of resamples that do). The resamples are paired, as the runs are:
+    each draws the same seeds at every S, so a seed that is hard at every S moves no vertex."""
     sizes = sorted(sweep)
     x = np.log(sizes)
 
@@ -263,7 +264,8 @@ def optimum(sweep, draws=2000, seed=0):
 
     rng = np.random.default_rng(seed)
     fitted = vertex([np.mean(sweep[s]) for s in sizes])
-    resampled = [vertex([rng.choice(sweep[s], len(sweep[s])).mean() for s in sizes]) for _ in range(draws)]
+    table = np.array([sweep[s] for s in sizes])  # (S, seeds)
+    resampled = [vertex(table[:, rng.integers(table.shape[1], size=table.shape[1])].mean(1)) for _ in range(draws)]
     inside = [v for v in resampled if v is not None]
     low, high = map(float, np.percentile(inside, [5, 95])) if inside else (None, None)
     return fitted, low, high, len(inside) / draws
@@ -304,31 +306,39 @@ def main_section(record, out, tiny, window):
             return ["The main part has no finished residual run yet."]
         series, rows, diffs = [], [], []
         checkpoints = [s for s in (1000, 2500, 5000, base.steps) if s in steps]
+        shown = [i for i, s in enumerate(steps) if s >= base.steps // 10]  # the first tenth falls too steeply to see
+        quarter = max(i for i, s in enumerate(steps) if s <= 0.75 * base.steps)
         for run in main:
             _, theirs = curves(record, run, key)
             seeds = sorted(set(theirs) & set(residual))
             if not seeds:
                 continue
             a = np.stack([theirs[s] for s in seeds])
-            series.append((run.name, steps, list(a.mean(0)), list(a.std(0, ddof=1) if len(seeds) > 1 else 0 * a[0])))
+            spread = a.std(0, ddof=1) if len(seeds) > 1 else 0 * a[0]
+            series.append((run.name, [steps[i] for i in shown], list(a.mean(0)[shown]), list(spread[shown])))
             pair = {"residual": np.stack([residual[s] for s in seeds]), "variant": a}
-            reach = steps_to_reach(steps, smooth(a.mean(0), window), smooth(pair["residual"].mean(0), window)[-1])
+            mine = smooth(a.mean(0), window)
+            reach = steps_to_reach(steps, mine, smooth(pair["residual"].mean(0), window)[-1])
             ratio = paired_bootstrap(speed_up(steps, window), pair, draws=2000)
             rows.append(f"| {run.name} | {len(seeds)} | " + (f"{reach:.0f}" if reach else "not reached")
-                        + f" | {interval(*ratio)} |")
+                        + f" | {interval(*ratio)} | {mine[-1]:.4f} | {100 * (1 - mine[-1] / mine[quarter]):.1f}% |")
             diffs.append(f"| {run.name} | " + " | ".join(
                 interval(*paired_bootstrap(mean_difference, {k: v[:, steps.index(s)] for k, v in pair.items()},
                                            draws=2000), fmt="{:+.4f}") for s in checkpoints) + " |")
         figure = f"curves_{key}.png"
         line_plot(series,
                   f"held-out loss ({weights} weights) at {base.depth} blocks; bars: +-1 sd over seeds", "step",
-                  "loss", os.path.join(out, figure), log=True)
+                  "loss", os.path.join(out, figure))
         lines += [f"## {weights} weights: steps to reach residual's final loss ({base.depth} blocks)", "",
                   f"![curves]({figure})", "",
                   f"Target: residual's held-out loss at step {base.steps}, the seed mean smoothed over the last "
                   f"{window} evaluations. Steps: when the variant's smoothed seed-mean curve first reaches it. "
-                  "Speed-up: residual's steps over the variant's, with a paired bootstrap 95% interval over seeds.",
-                  "", "| run | seeds | steps to reach | speed-up [95%] |", "|---|---|---|---|", *rows, "",
+                  "Speed-up: residual's steps over the variant's, with a paired bootstrap 95% interval over seeds. "
+                  f"Final: the smoothed seed-mean loss at step {base.steps}; last quarter: how much it fell from "
+                  f"step {steps[quarter]} to {base.steps}, which says how flat each curve is at the end. The figure "
+                  f"starts at step {steps[shown[0]]}.",
+                  "", "| run | seeds | steps to reach | speed-up [95%] | final | fall in the last quarter |",
+                  "|---|---|---|---|---|---|", *rows, "",
                   f"Paired difference variant - residual of the held-out loss ({weights}), seed mean [95% bootstrap]:",
                   "", "| run | " + " | ".join(f"step {s}" for s in checkpoints) + " |",
                   "|---|" + "---|" * len(checkpoints), *diffs, ""]
@@ -339,22 +349,30 @@ def sweep_section(record, out, tiny):
     """Loss against S at every depth (OUT/chunk_sweep.png) and where it is lowest, against Eq. 9's optimum."""
     from diagnose import line_plot
 
-    series, rows, sizes = [], [], set()
-    for depth in sorted({r.depth for r in plan(tiny)}):
-        sweep = {}
+    allowed, upto = next((r.seeds, r.steps) for r in plan(tiny) if r.part == "sweep")  # main runs read at `upto`
+    depths = sorted({r.depth for r in plan(tiny)})
+    columns = sorted({s for depth in depths for s in sweep_runs(tiny, depth)})
+    series, rows, means, sizes, fits = [], [], [], set(), {}
+    for depth in depths:
+        found = {}
         for s, run in sweep_runs(tiny, depth).items():
-            upto = min(r.steps for r in sweep_runs(tiny, depth).values())
-            steps, by_seed = curves(record, run, upto=upto)
+            by_seed = {seed: c[-1] for seed, c in curves(record, run, upto=upto)[1].items() if seed in allowed}
             if by_seed:
-                sweep[s] = [c[-1] for c in by_seed.values()]
-        if not sweep:
+                found[s] = by_seed
+        if not found:
             continue
+        common = sorted(set.intersection(*(set(v) for v in found.values())))  # paired: seeds every S has
+        sweep = {s: [v[seed] for seed in common] if common else list(v.values()) for s, v in found.items()}
         sizes |= set(sweep)
+        means.append(f"| {depth} | {len(common) or 'unpaired'} | "
+                     + " | ".join(f"{np.mean(sweep[s]):.4f}" if s in sweep else "-" for s in columns) + " |")
         series.append((f"{depth} blocks", list(sweep), [np.mean(v) for v in sweep.values()],
                        [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in sweep.values()]))
         low, high = predicted(2 * depth)
         best = min(sweep, key=lambda s: np.mean(sweep[s]))
         fitted, five, ninety_five, share = optimum(sweep) if len(sweep) >= 3 else (None, None, None, 0.0)
+        if fitted:
+            fits[2 * depth] = fitted
         rows.append(f"| {depth} (L = {2 * depth}) | {best} | " + (f"{fitted:.1f}" if fitted else "none")
                     + f" | {share:.0%} | " + (f"{five:.1f}-{ninety_five:.1f}" if five else "-")
                     + f" | {low:.2f}-{high:.2f} |")
@@ -363,12 +381,31 @@ def sweep_section(record, out, tiny):
     line_plot(series, "static DAR: held-out loss (EMA; mean +- sd over seeds) against S", "chunk size S (sublayers)",
               "loss", os.path.join(out, "chunk_sweep.png"), x_ticks=sorted(sizes))
     return ["## Chunk size S (static DAR)", "", "![loss against S](chunk_sweep.png)", "",
-            "Lowest S: the chunk size with the lowest seed-mean loss at the sweep's last step; S* fitted: the vertex "
-            "of a parabola in log S fitted to the seed means (none: it opens downward or its vertex lies outside "
-            "the sweep); then the same fit on 2000 bootstrap resamples of each S's seeds: the share with a minimum "
-            "inside the sweep and the 5th-95th percentiles of where. Predicted: Eq. 9 with alpha in [0.4, 0.7].", "",
+            f"Held-out loss (EMA) at step {upto}, seed mean over the seeds that every S at that depth has "
+            "('unpaired': none is common yet, each S's own seeds):", "",
+            "| blocks | seeds | " + " | ".join(f"S = {s}" for s in columns) + " |", "|---|---|" + "---|" * len(columns),
+            *means, "",
+            "Lowest S: the chunk size with the lowest seed-mean loss; S* fitted: the vertex of a parabola in log S "
+            "fitted to the seed means (none: it opens downward or its vertex lies outside the sweep); then the same "
+            "fit on 2000 paired bootstrap resamples of the seeds: the share with a minimum inside the sweep and the "
+            "5th-95th percentiles of where. Predicted: Eq. 9 with alpha in [0.4, 0.7].", "",
             "| blocks | lowest S | S* fitted | resamples with a minimum inside | their S* (5-95%) | predicted S* |",
-            "|---|---|---|---|---|---|", *rows, ""]
+            "|---|---|---|---|---|---|", *rows, "", sqrt_law(fits), ""]
+
+
+def sqrt_law(fits):
+    """The fitted optima {L: S*} against Eq. 9's S* = c sqrt(L), c = sqrt((1 - alpha) / (1 + alpha))."""
+    c_low, c_high = predicted(1)
+    if not fits:
+        return (f"Eq. 9's law S* = c sqrt(L) (c in [{c_low:.2f}, {c_high:.2f}]) cannot be fitted: no depth has a "
+                "minimum inside the sweep.")
+    L, S = np.array(sorted(fits), dtype=float), np.array([fits[k] for k in sorted(fits)])
+    c = float(np.sum(S * np.sqrt(L)) / np.sum(L))  # least squares of S* = c sqrt(L)
+    text = (f"Eq. 9's law S* = c sqrt(L), fitted to the {len(L)} depth(s) with a minimum inside: c = {c:.2f} "
+            f"(predicted {c_low:.2f} to {c_high:.2f})")
+    if len(L) >= 2:
+        text += f"; with a free exponent, S* grows as L^{np.polyfit(np.log(L), np.log(S), 1)[0]:.2f} (sqrt: L^0.5)"
+    return text + "."
 
 
 #################################################################################
@@ -437,26 +474,75 @@ def quality(path, g):
     return value("class accuracy"), value("toy FID")
 
 
+def scores(record, run, g, i):
+    """{seed: class accuracy (i = 0) or toy FID (i = 1)} of a main run's seeds evaluated at guidance g."""
+    found = {s: quality(run_dir(record, run, s), g) for s in run.seeds}
+    return {s: q[i] for s, q in found.items() if q}
+
+
+def final_losses(record, run, key):
+    """{seed: held-out loss at the run's last step} of its finished seeds; key as in curves()."""
+    return {seed: float(c[-1]) for seed, c in curves(record, run, key)[1].items()}
+
+
+def difference(mine, theirs, fmt):
+    """(the seeds both have, their paired difference mine - theirs as 'mean [95% bootstrap]') of two {seed: value}."""
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return seeds, "-"
+    pair = {"residual": np.array([theirs[s] for s in seeds]), "variant": np.array([mine[s] for s in seeds])}
+    return seeds, interval(*paired_bootstrap(mean_difference, pair, draws=2000), fmt=fmt)
+
+
+# The comparisons behind the paper's other claims, each a paired difference A - B by seed.
+CONTRASTS = [("timestep-aware queries (Table 2)", "explicit c4", "static c4"),
+             ("timestep-aware queries (Table 2)", "dynamic c4", "static c4"),
+             ("timestep-aware queries (Table 2)", "dynamic c4", "explicit c4"),
+             ("the dedicated final aggregator (Appendix C.3)", "static c4", "static c4 reuse"),
+             ("DAR against a residual SiT of its parameters (SiT-Plus)", "dynamic c4", "residual wide"),
+             ("chunking against dense routing", "static c4", "static dense")]
+
+
+def contrast_section(record, tiny):
+    """CONTRASTS at the main part's last step: held-out loss (EMA and raw) and the guided samples' quality."""
+    main = {r.name: r for r in plan(tiny) if r.part == "main"}
+    rows = []
+    for claim, a, b in CONTRASTS:
+        if a not in main or b not in main:
+            continue
+        cells = [difference(final_losses(record, main[a], key), final_losses(record, main[b], key), "{:+.4f}")
+                 for key in ("eval_loss_ema", "eval_loss")]
+        cells += [difference(scores(record, main[a], GUIDANCE[-1], i), scores(record, main[b], GUIDANCE[-1], i), fmt)
+                  for i, fmt in ((0, "{:+.3f}"), (1, "{:+.2f}"))]
+        if cells[0][0]:
+            rows.append(f"| {claim} | {a} - {b} | {len(cells[0][0])} | " + " | ".join(c[1] for c in cells) + " |")
+    if not rows:
+        return []
+    last = next(iter(main.values())).steps
+    return [f"## Paired comparisons at step {last}", "",
+            "Each row: A - B, paired by seed, seed mean [95% bootstrap]; loss: held-out loss at the last step "
+            f"(not smoothed); accuracy and toy FID at guidance {GUIDANCE[-1]:g}.", "",
+            "| claim | A - B | seeds | loss (EMA) | loss (raw) | accuracy | toy FID |", "|---|---|---|---|---|---|---|",
+            *rows, ""]
+
+
 def quality_section(record, tiny):
     """Accuracy and toy FID of the final EMA samples per variant and guidance, with the paired difference to
     residual routing; and the routing distances by step."""
     main = [r for r in plan(tiny) if r.part == "main"]
     rows = []
     for g in GUIDANCE:
-        base = {s: quality(run_dir(record, main[0], s), g) for s in main[0].seeds}
         for run in main:
-            mine = {s: quality(run_dir(record, run, s), g) for s in run.seeds}
-            seeds = [s for s in run.seeds if mine[s] and base[s]]
-            if not seeds:
-                continue
             cells = []
             for i, fmt in ((0, "{:+.3f}"), (1, "{:+.2f}")):
-                pair = {"residual": np.array([base[s][i] for s in seeds]),
-                        "variant": np.array([mine[s][i] for s in seeds])}
-                value = np.mean(pair["variant"])
-                cells.append(f"{value:.3f}" if i == 0 else f"{value:.2f}")
-                cells.append(interval(*paired_bootstrap(mean_difference, pair, draws=2000), fmt=fmt))
-            rows.append(f"| {g:g} | {run.name} | {len(seeds)} | " + " | ".join(cells) + " |")
+                mine = scores(record, run, g, i)
+                seeds, text = difference(mine, scores(record, main[0], g, i), fmt)
+                if not seeds:
+                    break
+                value = np.mean([mine[s] for s in seeds])
+                cells += [f"{value:.3f}" if i == 0 else f"{value:.2f}", text]
+            else:
+                rows.append(f"| {g:g} | {run.name} | {len(seeds)} | " + " | ".join(cells) + " |")
     lines = []
     if rows:
         lines += ["## Sample quality (final EMA weights; toy_accuracy.py, 400 samples, 20 Heun steps)", "",
@@ -494,6 +580,7 @@ def report(record, out, tiny, window=4):
              f"`python tools/study.py` (recipe: `{' '.join(TINY if tiny else RECIPE)}`; held-out velocity loss on "
              "fixed images, t and noise).", ""]
     lines += main_section(record, out, tiny, window)
+    lines += contrast_section(record, tiny)
     lines += quality_section(record, tiny)
     lines += sweep_section(record, out, tiny)
     took = [run_seconds(run_dir(record, run, seed)) for run in plan(tiny) for seed in run.seeds
