@@ -55,6 +55,9 @@ def test_study_resumes_run_by_run_records_and_reports_paired_tables(tmp_path):
     assert sorted(map(int, distances)) == [2, 4] and all(0 <= d["ema"][0] <= 1 for d in distances.values())
     assert "| static c4 | 2 | " in text.split("## How far routing moved from uniform")[1]
     assert "| chunking against dense routing | static c4 - static dense | 2 | " in text  # a paired contrast
+    width = text.split("## The width check")[1].split("## Paired comparisons")[0]  # measured against residual w24
+    assert "| static c4 w24 | 2 | " in width and "steps to reach residual w24's final loss" in width
+    assert "| DAR at width 64 | static c4 w24 - residual w24 | 2 | " in text
     assert "| blocks | seeds | S = 1 | S = 2 | S = 4 |" in text and "\n| 2 | 2 | " in text  # the sweep's means
     for figure in ("curves_eval_loss_ema.png", "curves_eval_loss.png", "chunk_sweep.png"):
         assert (tmp_path / "published" / figure).exists() and f"]({figure})" in text

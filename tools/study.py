@@ -3,7 +3,7 @@ Does DAR converge faster? The paper's convergence claims (8.75x fewer steps to r
 a better final quality, the chunk size's U shape and its sqrt(L) law) tested at toy scale on the CPU: narrow
 SiTs trained on the toy shapes with one recipe, differing only in routing.
 
-    python tools/study.py --jobs=2          every run not yet recorded, then the report (about 7 h on 2 cores)
+    python tools/study.py --jobs=2          every run not yet recorded, then the report (about 11 h on 2 cores)
     python tools/study.py --report-only     the report from the runs finished so far
     python tools/study.py --report-only --publish=docs/study    and a copy of it and its figures under docs/
 
@@ -11,6 +11,11 @@ Two parts, one recipe (RECIPE):
 - main: 8 blocks (L = 16), 10,000 steps, seeds 0-4: residual; residual widened to 52 (426K parameters, the
   nearest width at or above dynamic c4's 405K: the paper's SiT-Plus control); static, explicit and dynamic c4;
   static dense (S = 1); static c4 with the final aggregator reused (Appendix C.3's REPA design).
+- width: the same at width 64, seeds 0-2: residual, static and dynamic c4, and residual at 68 (717K parameters,
+  dynamic c4's 708K). At width 48 the residual stream is as wide as a token's input (3 x 4 x 4 = 48 numbers) and
+  the loss falls steeply with width up to about 52 (residual, 1500 steps: 0.418 at 44, 0.341 at 48, 0.262 at 52,
+  0.248 at 56, 0.225 at 64), so the main part's DAR may gain from relieving that bottleneck alone (its final
+  aggregator reads the input embedding directly); at 64 it is relieved.
 - sweep: static DAR with S in {1, 2, 3, 4, 5, 6, 8} at 4, 8 and 16 blocks, seeds 0-2, 4,000 steps. At 8
   blocks, S = 1 and S = 4 are the main part's runs read at step 4,000: every draw of a run is a function of
   (seed, step) and the learning rate is constant, so a longer run passes through the shorter one's states.
@@ -73,6 +78,8 @@ def plan(tiny=False):
         depth, seeds, steps, sweep_depths, sweep_seeds, sweep_steps, sizes = 2, (0, 1), 4, (2,), (0, 1), 2, (1, 2, 4)
         variants = [("residual", ["--routing=residual"]), ("static c4", ["--routing=static", "--chunk=4"]),
                     ("static dense", ["--routing=static", "--chunk=1"])]
+        wide = [("residual w24", ["--routing=residual", "--hidden-size=24"]),
+                ("static c4 w24", ["--routing=static", "--chunk=4", "--hidden-size=24"])]
     else:
         depth, seeds, steps, sweep_depths, sweep_seeds, sweep_steps, sizes = 8, range(5), 10_000, (4, 8, 16), \
             range(3), 4_000, SWEEP
@@ -82,7 +89,12 @@ def plan(tiny=False):
                     ("dynamic c4", ["--routing=dynamic", "--chunk=4"]),
                     ("static dense", ["--routing=static", "--chunk=1"]),
                     ("static c4 reuse", ["--routing=static", "--chunk=4", "--final-agg=reuse"])]
+        wide = [("residual w64", ["--routing=residual", "--hidden-size=64"]),
+                ("static c4 w64", ["--routing=static", "--chunk=4", "--hidden-size=64"]),
+                ("dynamic c4 w64", ["--routing=dynamic", "--chunk=4", "--hidden-size=64"]),
+                ("residual w68", ["--routing=residual", "--hidden-size=68"])]
     runs = [Run("main", depth, name, flags, tuple(seeds), steps) for name, flags in variants]
+    runs += [Run("width", depth, name, flags, tuple(seeds)[:3], steps) for name, flags in wide]
     for d in sweep_depths:
         runs += [Run("sweep", d, f"static S={s}", ["--routing=static", f"--chunk={s}"], tuple(sweep_seeds),
                      sweep_steps) for s in sizes if not (d == depth and s in (1, 4))]  # those are main runs
@@ -129,11 +141,11 @@ def keep(path, target):
 
 
 def order(job):
-    """The training order: the main part's first three seeds, then one seed of every sweep point, then the
-    rest seed by seed, so that a study stopped part-way has a rough answer to every claim."""
+    """The training order: the main part's first three seeds, then one seed of every sweep point, two of the
+    width check, then the rest seed by seed, so that a study stopped part-way has a rough answer to every claim."""
     run, seed = job
-    first = seed < 3 if run.part == "main" else seed == 0
-    return (not first, run.part != "main", seed)
+    first = seed < {"main": 3, "sweep": 1, "width": 2}[run.part]
+    return (not first, ("main", "sweep", "width").index(run.part), seed)
 
 
 def train(out, record, tiny, log=print, jobs=1):
@@ -144,7 +156,7 @@ def train(out, record, tiny, log=print, jobs=1):
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     pending = sorted(((run, seed) for run in plan(tiny) for seed in run.seeds if not recorded(record, run, seed)),
                      key=order)
-    if not tiny and any(run.part == "main" for run, _ in pending):
+    if not tiny and any(run.part != "sweep" for run, _ in pending):
         from toy_accuracy import load_classifier
         load_classifier(16, CLASSIFIER)  # trained once, here, before the runs that share it
 
@@ -158,7 +170,7 @@ def train(out, record, tiny, log=print, jobs=1):
             subprocess.run([sys.executable, "train.py", *common, f"--depth={run.depth}", *run.flags,
                             f"--seed={seed}", f"--max-steps={run.steps}", f"--results-dir={path}", *resume], cwd=ROOT,
                            check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads})
-        if run.part == "main":
+        if run.part != "sweep":
             evaluate(path, run, tiny, threads)
         keep(path, run_dir(record, run, seed))
         log(f"{run.part} depth {run.depth} {run.name} seed {seed}: {time.time() - start:.0f} s")
@@ -292,18 +304,19 @@ def interval(value, low, high, share, fmt="{:.2f}"):
     return text + (f" ({share:.0%} of draws reach it)" if share < 1 else "")
 
 
-def main_section(record, out, tiny, window):
+def main_section(record, out, tiny, window, part="main"):
     """The headline tables (steps to reach residual's final loss; paired differences at fixed steps) and the
-    loss curves with seed bands, from the main part's finished runs."""
+    loss curves with seed bands, from the finished runs of the main part (or of the width check: part="width",
+    whose first run, residual at width 64, is the one the others are measured against)."""
     from diagnose import line_plot
 
-    main = [r for r in plan(tiny) if r.part == "main"]
+    main = [r for r in plan(tiny) if r.part == part]
     base = main[0]
     lines = []
     for key, weights in (("eval_loss_ema", "EMA"), ("eval_loss", "raw")):
         steps, residual = curves(record, base, key)
         if not residual:
-            return ["The main part has no finished residual run yet."]
+            return [f"The {part} part has no finished {base.name} run yet.", ""]
         series, rows, diffs = [], [], []
         checkpoints = [s for s in (1000, 2500, 5000, base.steps) if s in steps]
         shown = [i for i, s in enumerate(steps) if s >= base.steps // 10]  # the first tenth falls too steeply to see
@@ -325,21 +338,21 @@ def main_section(record, out, tiny, window):
             diffs.append(f"| {run.name} | " + " | ".join(
                 interval(*paired_bootstrap(mean_difference, {k: v[:, steps.index(s)] for k, v in pair.items()},
                                            draws=2000), fmt="{:+.4f}") for s in checkpoints) + " |")
-        figure = f"curves_{key}.png"
+        figure = f"curves_{key}.png" if part == "main" else f"curves_{part}_{key}.png"
         line_plot(series,
                   f"held-out loss ({weights} weights) at {base.depth} blocks; bars: +-1 sd over seeds", "step",
                   "loss", os.path.join(out, figure))
-        lines += [f"## {weights} weights: steps to reach residual's final loss ({base.depth} blocks)", "",
+        lines += [f"## {weights} weights: steps to reach {base.name}'s final loss ({base.depth} blocks)", "",
                   f"![curves]({figure})", "",
-                  f"Target: residual's held-out loss at step {base.steps}, the seed mean smoothed over the last "
+                  f"Target: {base.name}'s held-out loss at step {base.steps}, the seed mean smoothed over the last "
                   f"{window} evaluations. Steps: when the variant's smoothed seed-mean curve first reaches it. "
-                  "Speed-up: residual's steps over the variant's, with a paired bootstrap 95% interval over seeds. "
+                  f"Speed-up: {base.name}'s steps over the variant's, with a paired bootstrap 95% interval over seeds. "
                   f"Final: the smoothed seed-mean loss at step {base.steps}; last quarter: how much it fell from "
                   f"step {steps[quarter]} to {base.steps}, which says how flat each curve is at the end. The figure "
                   f"starts at step {steps[shown[0]]}.",
                   "", "| run | seeds | steps to reach | speed-up [95%] | final | fall in the last quarter |",
                   "|---|---|---|---|---|---|", *rows, "",
-                  f"Paired difference variant - residual of the held-out loss ({weights}), seed mean [95% bootstrap]:",
+                  f"Paired difference variant - {base.name} of the held-out loss ({weights}), seed mean [95% bootstrap]:",
                   "", "| run | " + " | ".join(f"step {s}" for s in checkpoints) + " |",
                   "|---|" + "---|" * len(checkpoints), *diffs, ""]
     return lines
@@ -500,12 +513,16 @@ CONTRASTS = [("timestep-aware queries (Table 2)", "explicit c4", "static c4"),
              ("timestep-aware queries (Table 2)", "dynamic c4", "explicit c4"),
              ("the dedicated final aggregator (Appendix C.3)", "static c4", "static c4 reuse"),
              ("DAR against a residual SiT of its parameters (SiT-Plus)", "dynamic c4", "residual wide"),
-             ("chunking against dense routing", "static c4", "static dense")]
+             ("DAR against a residual SiT of its parameters (SiT-Plus)", "dynamic c4 w64", "residual w68"),
+             ("DAR at width 64", "static c4 w64", "residual w64"),
+             ("DAR at width 64", "dynamic c4 w64", "residual w64"),
+             ("chunking against dense routing", "static c4", "static dense"),
+             ("DAR at width 64", "static c4 w24", "residual w24")]  # the tiny study's
 
 
 def contrast_section(record, tiny):
     """CONTRASTS at the main part's last step: held-out loss (EMA and raw) and the guided samples' quality."""
-    main = {r.name: r for r in plan(tiny) if r.part == "main"}
+    main = {r.name: r for r in plan(tiny) if r.part != "sweep"}
     rows = []
     for claim, a, b in CONTRASTS:
         if a not in main or b not in main:
@@ -528,15 +545,16 @@ def contrast_section(record, tiny):
 
 def quality_section(record, tiny):
     """Accuracy and toy FID of the final EMA samples per variant and guidance, with the paired difference to
-    residual routing; and the routing distances by step."""
-    main = [r for r in plan(tiny) if r.part == "main"]
+    residual routing of the same width (the first run of its part); and the routing distances by step."""
+    main = [r for r in plan(tiny) if r.part != "sweep"]
     rows = []
     for g in GUIDANCE:
         for run in main:
+            base = next(r for r in main if r.part == run.part)
             cells = []
             for i, fmt in ((0, "{:+.3f}"), (1, "{:+.2f}")):
                 mine = scores(record, run, g, i)
-                seeds, text = difference(mine, scores(record, main[0], g, i), fmt)
+                seeds, text = difference(mine, scores(record, base, g, i), fmt)
                 if not seeds:
                     break
                 value = np.mean([mine[s] for s in seeds])
@@ -548,7 +566,8 @@ def quality_section(record, tiny):
         lines += ["## Sample quality (final EMA weights; toy_accuracy.py, 400 samples, 20 Heun steps)", "",
                   "Accuracy: share of samples the shape classifier puts in their class. Toy FID: Frechet distance "
                   "of the classifier's 128 features of the samples and of 400 real shapes. Differences: variant - "
-                  "residual, paired by seed, seed mean [95% bootstrap].", "",
+                  "residual of its width (residual, or residual w64 in the width check), paired by seed, seed mean "
+                  "[95% bootstrap].", "",
                   "| guidance | run | seeds | accuracy | - residual | toy FID | - residual |",
                   "|---|---|---|---|---|---|---|", *rows, ""]
     table = []
@@ -580,6 +599,8 @@ def report(record, out, tiny, window=4):
              f"`python tools/study.py` (recipe: `{' '.join(TINY if tiny else RECIPE)}`; held-out velocity loss on "
              "fixed images, t and noise).", ""]
     lines += main_section(record, out, tiny, window)
+    lines += ["## The width check: the same at width 64, past the token's 48 numbers", ""]
+    lines += main_section(record, out, tiny, window, part="width")
     lines += contrast_section(record, tiny)
     lines += quality_section(record, tiny)
     lines += sweep_section(record, out, tiny)
