@@ -112,6 +112,18 @@ def test_chunk_optimum_finds_the_bottom_of_a_u_and_none_in_a_slope():
     assert abs(fitted - 4.0) < 0.1 and high - low < 0.5 and share > 0.95
 
 
+def test_the_sweep_at_the_main_depth_reads_the_main_runs_of_its_width():
+    # At the main part's depth, S = 1 and S = 4 are the main part's static dense and static c4 runs; the width
+    # check's static c4 at width 64 (also static, chunk 4, same depth) is another model and must not stand in.
+    for tiny in (True, False):
+        main_depth = next(r.depth for r in study.plan(tiny) if r.part == "main")
+        sweep = study.sweep_runs(tiny, main_depth)
+        assert (sweep[1].part, sweep[1].name) == ("main", "static dense")
+        assert (sweep[4].part, sweep[4].name) == ("main", "static c4")
+        assert all(r.part in ("main", "sweep") and not any(f.startswith("--hidden-size") for f in r.flags)
+                   for r in sweep.values())
+
+
 def test_sqrt_law_fits_c_and_the_exponent():
     c_low, c_high = study.predicted(1)
     fits = {L: 0.5 * L ** 0.5 for L in (8, 16, 32)}

@@ -102,11 +102,13 @@ def plan(tiny=False):
 
 
 def sweep_runs(tiny, depth):
-    """{S: Run} of static DAR at this depth, the main part's dense and c4 runs included where they serve."""
+    """{S: Run} of static DAR at this depth, the main part's dense and c4 runs included where they serve (not
+    the width check's: another width is another model)."""
     out = {}
     for run in plan(tiny):
         chunk = next((int(f.split("=")[1]) for f in run.flags if f.startswith("--chunk=")), None)
-        if run.depth == depth and "--routing=static" in run.flags and "--final-agg=reuse" not in run.flags:
+        if run.part != "width" and run.depth == depth and "--routing=static" in run.flags \
+                and "--final-agg=reuse" not in run.flags:
             out[chunk] = run
     return dict(sorted(out.items()))
 
