@@ -124,6 +124,20 @@ def test_the_sweep_at_the_main_depth_reads_the_main_runs_of_its_width():
                    for r in sweep.values())
 
 
+def test_training_order_gives_every_part_its_first_seeds_then_goes_seed_by_seed():
+    jobs = sorted(((run, seed) for run in study.plan() for seed in run.seeds), key=study.order)
+    blocks = []  # (part, seeds) of each stretch of consecutive jobs of one part
+    for run, seed in jobs:
+        if blocks and blocks[-1][0] == run.part:
+            blocks[-1][1].add(seed)
+        else:
+            blocks.append((run.part, {seed}))
+    # Sweep seed 1 follows seed 0 at once (no other part has a seed 1 left), and the main part's seeds 3 and 4
+    # come last: every part has three seeds before any has more.
+    assert blocks == [("main", {0, 1, 2}), ("width", {0, 1}), ("sweep", {0, 1}), ("width", {2}), ("sweep", {2}),
+                      ("main", {3, 4})]
+
+
 def test_sqrt_law_fits_c_and_the_exponent():
     c_low, c_high = study.predicted(1)
     fits = {L: 0.5 * L ** 0.5 for L in (8, 16, 32)}
