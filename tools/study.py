@@ -370,11 +370,14 @@ def sweep_section(record, out, tiny):
     columns = sorted({s for depth in depths for s in sweep_runs(tiny, depth)})
     series, rows, means, sizes, fits = [], [], [], set(), {}
     for depth in depths:
-        found = {}
+        found, falls = {}, []
         for s, run in sweep_runs(tiny, depth).items():
-            by_seed = {seed: c[-1] for seed, c in curves(record, run, upto=upto)[1].items() if seed in allowed}
+            steps, by_seed = curves(record, run, upto=upto)
+            by_seed = {seed: c for seed, c in by_seed.items() if seed in allowed}
             if by_seed:
-                found[s] = by_seed
+                found[s] = {seed: c[-1] for seed, c in by_seed.items()}
+                quarter = max([i for i, step in enumerate(steps) if step <= 0.75 * upto] or [0])
+                falls.append(1 - np.mean([c[-1] for c in by_seed.values()]) / np.mean([c[quarter] for c in by_seed.values()]))
         if not found:
             continue
         common = sorted(set.intersection(*(set(v) for v in found.values())))  # paired: seeds every S has
@@ -391,7 +394,7 @@ def sweep_section(record, out, tiny):
             fits[2 * depth] = fitted
         rows.append(f"| {depth} (L = {2 * depth}) | {best} | " + (f"{fitted:.1f}" if fitted else "none")
                     + f" | {share:.0%} | " + (f"{five:.1f}-{ninety_five:.1f}" if five else "-")
-                    + f" | {low:.2f}-{high:.2f} |")
+                    + f" | {low:.2f}-{high:.2f} | {100 * min(falls):.1f}-{100 * max(falls):.1f}% |")
     if not series:
         return []
     line_plot(series, "static DAR: held-out loss (EMA; mean +- sd over seeds) against S", "chunk size S (sublayers)",
@@ -404,9 +407,11 @@ def sweep_section(record, out, tiny):
             "Lowest S: the chunk size with the lowest seed-mean loss; S* fitted: the vertex of a parabola in log S "
             "fitted to the seed means (none: it opens downward or its vertex lies outside the sweep); then the same "
             "fit on 2000 paired bootstrap resamples of the seeds: the share with a minimum inside the sweep and the "
-            "5th-95th percentiles of where. Predicted: Eq. 9 with alpha in [0.4, 0.7].", "",
-            "| blocks | lowest S | S* fitted | resamples with a minimum inside | their S* (5-95%) | predicted S* |",
-            "|---|---|---|---|---|---|", *rows, "", sqrt_law(fits), ""]
+            "5th-95th percentiles of where. Predicted: Eq. 9 with alpha in [0.4, 0.7]. Last quarter: how much the "
+            f"seed-mean loss fell over the last quarter of the {upto} steps, lowest and highest over S (how flat the "
+            "curves are where they are compared).", "",
+            "| blocks | lowest S | S* fitted | resamples with a minimum inside | their S* (5-95%) | predicted S* "
+            "| fall in the last quarter |", "|---|---|---|---|---|---|---|", *rows, "", sqrt_law(fits), ""]
 
 
 def sqrt_law(fits):
