@@ -3,7 +3,7 @@ Does DAR converge faster? The paper's convergence claims (8.75x fewer steps to r
 a better final quality, the chunk size's U shape and its sqrt(L) law) tested at toy scale on the CPU: narrow
 SiTs trained on the toy shapes with one recipe, differing only in routing.
 
-    python tools/study.py --jobs=2          every run not yet recorded, then the report (about 11 h on 2 cores)
+    python tools/study.py --jobs=2          every run not yet recorded, then the report (about 9 h on 2 cores)
     python tools/study.py --report-only     the report from the runs finished so far
     python tools/study.py --report-only --publish=docs/study    and a copy of it and its figures under docs/
 
