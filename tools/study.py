@@ -377,7 +377,8 @@ def sweep_section(record, out, tiny):
             if by_seed:
                 found[s] = {seed: c[-1] for seed, c in by_seed.items()}
                 quarter = max([i for i, step in enumerate(steps) if step <= 0.75 * upto] or [0])
-                falls.append(1 - np.mean([c[-1] for c in by_seed.values()]) / np.mean([c[quarter] for c in by_seed.values()]))
+                ends = np.array([[c[quarter], c[-1]] for c in by_seed.values()]).mean(0)
+                falls.append(1 - ends[1] / ends[0])
         if not found:
             continue
         common = sorted(set.intersection(*(set(v) for v in found.values())))  # paired: seeds every S has
