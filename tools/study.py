@@ -228,6 +228,12 @@ def steps_to_reach(steps, curve, target):
     return float(s0 + (s1 - s0) * (c0 - target) / (c0 - c1))
 
 
+def last_quarter(steps):
+    """The index of the last evaluation at or before three quarters of the way to the last step (0 if none): where
+    "how much a curve still fell over its last quarter" starts."""
+    return max([i for i, step in enumerate(steps) if step <= 0.75 * steps[-1]] or [0])
+
+
 def paired_bootstrap(statistic, samples, draws=10_000, seed=0, level=0.95):
     """statistic(resampled) over bootstrap resamples of the seeds, paired: samples maps a name to an array
     (seeds, ...) whose rows are the same seeds in the same order for every name, and each draw takes the same
@@ -323,7 +329,7 @@ def main_section(record, out, tiny, window, part="main"):
         series, rows, diffs = [], [], []
         checkpoints = [s for s in (1000, 2500, 5000, base.steps) if s in steps]
         shown = [i for i, s in enumerate(steps) if s >= base.steps // 10]  # the first tenth falls too steeply to see
-        quarter = max(i for i, s in enumerate(steps) if s <= 0.75 * base.steps)
+        quarter = last_quarter(steps)
         for run in main:
             _, theirs = curves(record, run, key)
             seeds = sorted(set(theirs) & set(residual))
@@ -376,7 +382,7 @@ def sweep_section(record, out, tiny):
             by_seed = {seed: c for seed, c in by_seed.items() if seed in allowed}
             if by_seed:
                 found[s] = {seed: c[-1] for seed, c in by_seed.items()}
-                quarter = max([i for i, step in enumerate(steps) if step <= 0.75 * upto] or [0])
+                quarter = last_quarter(steps)
                 ends = np.array([[c[quarter], c[-1]] for c in by_seed.values()]).mean(0)
                 falls.append(1 - ends[1] / ends[0])
         if not found:
