@@ -376,32 +376,34 @@ def sweep_section(record, out, tiny):
     columns = sorted({s for depth in depths for s in sweep_runs(tiny, depth)})
     series, rows, means, sizes, fits = [], [], [], set(), {}
     for depth in depths:
-        found, falls = {}, []
+        found, earlier, falls = {}, {}, []
         for s, run in sweep_runs(tiny, depth).items():
             steps, by_seed = curves(record, run, upto=upto)
             by_seed = {seed: c for seed, c in by_seed.items() if seed in allowed}
             if by_seed:
-                found[s] = {seed: c[-1] for seed, c in by_seed.items()}
                 quarter = last_quarter(steps)
+                found[s] = {seed: c[-1] for seed, c in by_seed.items()}
+                earlier[s] = {seed: c[quarter] for seed, c in by_seed.items()}
                 ends = np.array([[c[quarter], c[-1]] for c in by_seed.values()]).mean(0)
                 falls.append(1 - ends[1] / ends[0])
         if not found:
             continue
         common = sorted(set.intersection(*(set(v) for v in found.values())))  # paired: seeds every S has
         sweep = {s: [v[seed] for seed in common] if common else list(v.values()) for s, v in found.items()}
+        before = {s: [v[seed] for seed in common] if common else list(v.values()) for s, v in earlier.items()}
         sizes |= set(sweep)
         means.append(f"| {depth} | {len(common) or 'unpaired'} | "
                      + " | ".join(f"{np.mean(sweep[s]):.4f}" if s in sweep else "-" for s in columns) + " |")
         series.append((f"{depth} blocks", list(sweep), [np.mean(v) for v in sweep.values()],
                        [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in sweep.values()]))
         low, high = predicted(2 * depth)
-        best = min(sweep, key=lambda s: np.mean(sweep[s]))
+        best, best_before = (min(losses, key=lambda s: np.mean(losses[s])) for losses in (sweep, before))
         fitted, five, ninety_five, share = optimum(sweep) if len(sweep) >= 3 else (None, None, None, 0.0)
         if fitted:
             fits[2 * depth] = fitted
         rows.append(f"| {depth} (L = {2 * depth}) | {best} | " + (f"{fitted:.1f}" if fitted else "none")
                     + f" | {share:.0%} | " + (f"{five:.1f}-{ninety_five:.1f}" if five else "-")
-                    + f" | {low:.2f}-{high:.2f} | {100 * min(falls):.1f}-{100 * max(falls):.1f}% |")
+                    + f" | {low:.2f}-{high:.2f} | {100 * min(falls):.1f}-{100 * max(falls):.1f}% | {best_before} |")
     if not series:
         return []
     line_plot(series, "static DAR: held-out loss (EMA; mean +- sd over seeds) against S", "chunk size S (sublayers)",
@@ -416,9 +418,11 @@ def sweep_section(record, out, tiny):
             "fit on 2000 paired bootstrap resamples of the seeds: the share with a minimum inside the sweep and the "
             "5th-95th percentiles of where. Predicted: Eq. 9 with alpha in [0.4, 0.7]. Last quarter: how much the "
             f"seed-mean loss fell over the last quarter of the {upto} steps, lowest and highest over S (how flat the "
-            "curves are where they are compared).", "",
+            "curves are where they are compared); and the lowest S at the start of that quarter (whether the ranking "
+            "still moves while they fall).", "",
             "| blocks | lowest S | S* fitted | resamples with a minimum inside | their S* (5-95%) | predicted S* "
-            "| fall in the last quarter |", "|---|---|---|---|---|---|---|", *rows, "", sqrt_law(fits), ""]
+            "| fall in the last quarter | lowest S a quarter earlier |", "|---|---|---|---|---|---|---|---|", *rows, "",
+            sqrt_law(fits), ""]
 
 
 def sqrt_law(fits):
