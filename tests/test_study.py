@@ -31,9 +31,19 @@ def test_study_resumes_run_by_run_records_and_reports_paired_tables(tmp_path):
     shutil.rmtree(study.run_dir(out, sweep, 0))
     shutil.rmtree(study.run_dir(record, sweep, 0))
     os.remove(os.path.join(study.run_dir(record, main["static dense"], 0), "log.jsonl"))
+    # And a long run gone from both: it continues the finished main run of its S and seed, from that run's end.
+    long = next(run for run in study.plan(True) if run.part == "long" and run.flags[-1] == "--chunk=1")
+    seed = long.seeds[0]
+    shutil.rmtree(study.run_dir(out, long, seed))
+    shutil.rmtree(study.run_dir(record, long, seed))
     residual_log = os.path.join(study.run_dir(record, main["residual"], 0), "log.jsonl")
     before = os.path.getmtime(residual_log)
-    assert study.train(out, record, tiny=True, log=messages.append) == 3  # only those three
+    assert study.train(out, record, tiny=True, log=messages.append) == 4  # only those four
+    continued = [json.loads(line) for line in open(os.path.join(study.run_dir(record, long, seed), "log.jsonl"))]
+    assert [r["step"] for r in continued if "resumed" in r] == [main["static dense"].steps]
+    for shorter, longer in zip(*(study.curves(record, r, upto=main["static dense"].steps)[1][seed]
+                                 for r in (main["static dense"], long))):
+        assert shorter == longer  # the same states: a longer run passes through the shorter one's
     assert os.path.getmtime(residual_log) == before
     assert any("resumed" in json.loads(line) for line in open(os.path.join(part, "log.jsonl")))
     assert open(os.path.join(study.run_dir(record, main["static c4"], 1), "log.jsonl")).read() == \
@@ -61,7 +71,10 @@ def test_study_resumes_run_by_run_records_and_reports_paired_tables(tmp_path):
     assert "| DAR at width 64 | static c4 w24 - residual w24 | 2 | " in text
     assert "| blocks | seeds | S = 1 | S = 2 | S = 4 |" in text and "\n| 2 | 2 | " in text  # the sweep's means
     assert re.search(r"\n\| 2 \(L = 4\) \|.* \| -?\d+\.\d--?\d+\.\d% \| [124] \|\n", text)  # how flat they are
-    for figure in ("curves_eval_loss_ema.png", "curves_eval_loss.png", "chunk_sweep.png"):
+    longer = text.split("## The sweep at 2 blocks continued to step 6")[1]
+    assert "(3 of the 3 runs recorded)" in longer and "Spearman's rank correlation of the two columns: " in longer
+    assert sorted(re.findall(r"\n\| (\d) \| \d\.\d{4} \| [\d.]+ \| \d\.\d{4} \| [\d.]+ \|", longer)) == ["1", "2", "4"]
+    for figure in ("curves_eval_loss_ema.png", "curves_eval_loss.png", "chunk_sweep.png", "chunk_sweep_long.png"):
         assert (tmp_path / "published" / figure).exists() and f"]({figure})" in text
 
 
@@ -137,7 +150,7 @@ def test_training_order_gives_every_part_its_first_seeds_then_goes_seed_by_seed(
     # Sweep seed 1 follows seed 0 at once (no other part has a seed 1 left), and the main part's seeds 3 and 4
     # come last: every part has three seeds before any has more.
     assert blocks == [("main", {0, 1, 2}), ("width", {0, 1}), ("sweep", {0, 1}), ("width", {2}), ("sweep", {2}),
-                      ("main", {3, 4})]
+                      ("long", {2}), ("main", {3, 4})]
 
 
 def test_sqrt_law_fits_c_and_the_exponent():

@@ -3,11 +3,11 @@ Does DAR converge faster? The paper's convergence claims (8.75x fewer steps to r
 a better final quality, the chunk size's U shape and its sqrt(L) law) tested at toy scale on the CPU: narrow
 SiTs trained on the toy shapes with one recipe, differing only in routing.
 
-    python tools/study.py --jobs=2          every run not yet recorded, then the report (about 9 h on 2 cores)
+    python tools/study.py --jobs=2          every run not yet recorded, then the report (about 10 h on 2 cores)
     python tools/study.py --report-only     the report from the runs finished so far
     python tools/study.py --report-only --publish=docs/study    and a copy of it and its figures under docs/
 
-Two parts, one recipe (RECIPE):
+Four parts, one recipe (RECIPE):
 - main: 8 blocks (L = 16), 10,000 steps, seeds 0-4: residual; residual widened to 52 (426K parameters, the
   nearest width at or above dynamic c4's 405K: the paper's SiT-Plus control); static, explicit and dynamic c4;
   static dense (S = 1); static c4 with the final aggregator reused (Appendix C.3's REPA design).
@@ -19,6 +19,8 @@ Two parts, one recipe (RECIPE):
 - sweep: static DAR with S in {1, 2, 3, 4, 5, 6, 8} at 4, 8 and 16 blocks, seeds 0-2, 4,000 steps. At 8
   blocks, S = 1 and S = 4 are the main part's runs read at step 4,000: every draw of a run is a function of
   (seed, step) and the learning rate is constant, so a longer run passes through the shorter one's states.
+- long: the sweep at 16 blocks continued to 10,000 steps for its last seed, from the sweep run's checkpoint when
+  OUT still holds it: whether S ranks at 10,000 steps as it does at 4,000, where the curves still fall.
 Every run logs the held-out loss of its raw and of its EMA weights every 250 steps and keeps a checkpoint
 every 2,500. As soon as a main run ends: how far its routing moved from uniform at each checkpoint, and how
 much it depends on t (routing_distance), and the class accuracy and toy FID (toy_accuracy.py) of its final EMA
@@ -98,6 +100,8 @@ def plan(tiny=False):
     for d in sweep_depths:
         runs += [Run("sweep", d, f"static S={s}", ["--routing=static", f"--chunk={s}"], tuple(sweep_seeds),
                      sweep_steps) for s in sizes if not (d == depth and s in (1, 4))]  # those are main runs
+    runs += [Run("long", sweep_depths[-1], f"static S={s} long", ["--routing=static", f"--chunk={s}"],
+                 tuple(sweep_seeds)[-1:], steps + 2 if tiny else steps) for s in sizes]  # tiny: past the main runs
     return runs
 
 
@@ -106,11 +110,14 @@ def sweep_runs(tiny, depth):
     the width check's: another width is another model)."""
     out = {}
     for run in plan(tiny):
-        chunk = next((int(f.split("=")[1]) for f in run.flags if f.startswith("--chunk=")), None)
-        if run.part != "width" and run.depth == depth and "--routing=static" in run.flags \
+        if run.part in ("main", "sweep") and run.depth == depth and "--routing=static" in run.flags \
                 and "--final-agg=reuse" not in run.flags:
-            out[chunk] = run
+            out[chunk(run)] = run
     return dict(sorted(out.items()))
+
+
+def chunk(run):
+    return next((int(f.split("=")[1]) for f in run.flags if f.startswith("--chunk=")), None)
 
 
 def run_dir(root, run, seed):
@@ -147,8 +154,8 @@ def order(job):
     point; then the rest seed by seed, the width check before the sweep within a seed (it costs a third as
     much), so that a study stopped part-way has a rough answer to every claim."""
     run, seed = job
-    first = seed < {"main": 3, "width": 2, "sweep": 1}[run.part]
-    return (not first, 0 if first else seed, ("main", "width", "sweep").index(run.part), seed)
+    first = seed < {"main": 3, "width": 2, "sweep": 1, "long": 0}[run.part]
+    return (not first, 0 if first else seed, ("main", "width", "sweep", "long").index(run.part), seed)
 
 
 def train(out, record, tiny, log=print, jobs=1):
@@ -159,7 +166,7 @@ def train(out, record, tiny, log=print, jobs=1):
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     pending = sorted(((run, seed) for run in plan(tiny) for seed in run.seeds if not recorded(record, run, seed)),
                      key=order)
-    if not tiny and any(run.part != "sweep" for run, _ in pending):
+    if not tiny and any(run.part in ("main", "width") for run, _ in pending):
         from toy_accuracy import load_classifier
         load_classifier(16, CLASSIFIER)  # trained once, here, before the runs that share it
 
@@ -167,13 +174,17 @@ def train(out, record, tiny, log=print, jobs=1):
         path = run_dir(out, run, seed)
         start = time.time()
         if not finished(path, run.steps):
+            if run.part == "long" and not os.path.isdir(path):
+                shorter = sweep_runs(tiny, run.depth)[chunk(run)]
+                if finished(run_dir(out, shorter, seed), shorter.steps):  # continue it: the same states, fewer steps
+                    shutil.copytree(run_dir(out, shorter, seed), path)
             resume = ["--resume=latest"] if glob.glob(os.path.join(path, "checkpoints", "*.pt")) else []
             if not resume and os.path.isdir(path):
                 shutil.rmtree(path)  # a run stopped before its first checkpoint: start it again
             subprocess.run([sys.executable, "train.py", *common, f"--depth={run.depth}", *run.flags,
                             f"--seed={seed}", f"--max-steps={run.steps}", f"--results-dir={path}", *resume], cwd=ROOT,
                            check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads})
-        if run.part != "sweep":
+        if run.part in ("main", "width"):
             evaluate(path, run, tiny, threads)
         keep(path, run_dir(record, run, seed))
         log(f"{run.part} depth {run.depth} {run.name} seed {seed}: {time.time() - start:.0f} s")
@@ -425,6 +436,43 @@ def sweep_section(record, out, tiny):
             sqrt_law(fits), ""]
 
 
+def long_section(record, out, tiny):
+    """The long part: loss against S at the sweep's last step and at the long runs' last step, ranked, with the
+    rank correlation of the two (OUT/chunk_sweep_long.png)."""
+    from diagnose import line_plot
+    from scipy.stats import rankdata, spearmanr
+
+    upto = next(r.steps for r in plan(tiny) if r.part == "sweep")
+    runs, found = [r for r in plan(tiny) if r.part == "long"], {}
+    for run in runs:
+        steps, by_seed = curves(record, run)
+        if by_seed:
+            losses = np.array(list(by_seed.values()))  # (seeds, points)
+            early, quarter = losses[:, steps.index(upto)].mean(), last_quarter(steps)
+            found[chunk(run)] = (early, losses[:, -1].mean(), 1 - losses[:, -1].mean() / losses[:, quarter].mean())
+    if not found:
+        return []
+    sizes, (early, final, falls) = list(found), map(np.array, zip(*found.values()))
+    run = runs[0]
+    line_plot([(f"step {upto}", sizes, early), (f"step {run.steps}", sizes, final)],
+              f"static DAR at {run.depth} blocks, seed {', '.join(map(str, run.seeds))}: held-out loss (EMA) "
+              "against S", "chunk size S (sublayers)", "loss", os.path.join(out, "chunk_sweep_long.png"), x_ticks=sizes)
+    rows = [f"| {s} | {a:.4f} | {ra:g} | {b:.4f} | {rb:g} | {100 * f:.1f}% |"
+            for s, a, ra, b, rb, f in zip(sizes, early, rankdata(early), final, rankdata(final), falls)]
+    constant = len(set(early)) == 1 or len(set(final)) == 1
+    rho = "undefined (under 3 sizes or a column with one value)" if len(sizes) < 3 or constant else \
+        f"{spearmanr(early, final)[0]:+.2f}"
+    return [f"## The sweep at {run.depth} blocks continued to step {run.steps}", "",
+            "![loss against S, early and late](chunk_sweep_long.png)", "",
+            f"Seed {', '.join(map(str, run.seeds))} ({len(sizes)} of the {len(runs)} runs recorded); "
+            f"held-out loss (EMA) at the sweep's step {upto} and at step {run.steps}, each ranked over S (1: lowest); "
+            f"last quarter: how much it fell over the last quarter of the {run.steps} steps.", "",
+            f"| S | loss at {upto} | rank | loss at {run.steps} | rank | fall in the last quarter |",
+            "|---|---|---|---|---|---|", *rows, "",
+            f"Lowest S: {sizes[int(np.argmin(early))]} at step {upto}, {sizes[int(np.argmin(final))]} at step "
+            f"{run.steps}; Spearman's rank correlation of the two columns: {rho}.", ""]
+
+
 def sqrt_law(fits):
     """The fitted optima {L: S*} against Eq. 9's S* = c sqrt(L), c = sqrt((1 - alpha) / (1 + alpha))."""
     c_low, c_high = predicted(1)
@@ -541,7 +589,7 @@ CONTRASTS = [("timestep-aware queries (Table 2)", "explicit c4", "static c4"),
 
 def contrast_section(record, tiny):
     """CONTRASTS at the main part's last step: held-out loss (EMA and raw) and the guided samples' quality."""
-    main = {r.name: r for r in plan(tiny) if r.part != "sweep"}
+    main = {r.name: r for r in plan(tiny) if r.part in ("main", "width")}
     rows = []
     for claim, a, b in CONTRASTS:
         if a not in main or b not in main:
@@ -565,7 +613,7 @@ def contrast_section(record, tiny):
 def quality_section(record, tiny):
     """Accuracy and toy FID of the final EMA samples per variant and guidance, with the paired difference to
     residual routing of the same width (the first run of its part); and the routing distances by step."""
-    main = [r for r in plan(tiny) if r.part != "sweep"]
+    main = [r for r in plan(tiny) if r.part in ("main", "width")]
     rows = []
     for g in GUIDANCE:
         for run in main:
@@ -623,6 +671,7 @@ def report(record, out, tiny, window=4):
     lines += contrast_section(record, tiny)
     lines += quality_section(record, tiny)
     lines += sweep_section(record, out, tiny)
+    lines += long_section(record, out, tiny)
     took = [run_seconds(run_dir(record, run, seed)) for run in plan(tiny) for seed in run.seeds
             if recorded(record, run, seed)]
     lines += [f"Training time of the {len(took)} finished runs, summed: {sum(took):.0f} s ({sum(took) / 3600:.1f} "
