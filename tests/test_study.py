@@ -38,7 +38,7 @@ def test_study_resumes_run_by_run_records_and_reports_paired_tables(tmp_path):
     shutil.rmtree(study.run_dir(record, long, seed))
     residual_log = os.path.join(study.run_dir(record, main["residual"], 0), "log.jsonl")
     before = os.path.getmtime(residual_log)
-    assert study.train(out, record, tiny=True, log=messages.append) == 4  # only those four
+    assert study.train(out, record, tiny=True, log=messages.append, jobs=2) == 4  # only those four
     continued = [json.loads(line) for line in open(os.path.join(study.run_dir(record, long, seed), "log.jsonl"))]
     assert [r["step"] for r in continued if "resumed" in r] == [main["static dense"].steps]
     for shorter, longer in zip(*(study.curves(record, r, upto=main["static dense"].steps)[1][seed]
