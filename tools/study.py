@@ -117,6 +117,7 @@ def sweep_runs(tiny, depth):
 
 
 def chunk(run):
+    """The run's --chunk (None for residual routing)."""
     return next((int(f.split("=")[1]) for f in run.flags if f.startswith("--chunk=")), None)
 
 
@@ -152,7 +153,8 @@ def keep(path, target):
 def order(job):
     """The training order: the main part's first three seeds, two of the width check and one of every sweep
     point; then the rest seed by seed, the width check before the sweep within a seed (it costs a third as
-    much), so that a study stopped part-way has a rough answer to every claim."""
+    much) and the long part after it (it continues the sweep's runs), so that a study stopped part-way has a
+    rough answer to every claim."""
     run, seed = job
     first = seed < {"main": 3, "width": 2, "sweep": 1, "long": 0}[run.part]
     return (not first, 0 if first else seed, ("main", "width", "sweep", "long").index(run.part), seed)
@@ -177,7 +179,9 @@ def train(out, record, tiny, log=print, jobs=1):
             if run.part == "long" and not os.path.isdir(path):
                 shorter = sweep_runs(tiny, run.depth)[chunk(run)]
                 if finished(run_dir(out, shorter, seed), shorter.steps):  # continue it: the same states, fewer steps
-                    shutil.copytree(run_dir(out, shorter, seed), path)
+                    shutil.rmtree(path + ".partial", ignore_errors=True)  # a copy stopped half-way
+                    shutil.copytree(run_dir(out, shorter, seed), path + ".partial")
+                    os.replace(path + ".partial", path)
             resume = ["--resume=latest"] if glob.glob(os.path.join(path, "checkpoints", "*.pt")) else []
             if not resume and os.path.isdir(path):
                 shutil.rmtree(path)  # a run stopped before its first checkpoint: start it again
