@@ -132,11 +132,14 @@ def test_bad_flags_say_what_to_do(tmp_path, capsys):
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, kernel):
     """With kernel=triton the two DDP processes (gloo) run the fused kernel, whose backward accumulates each
-    source's gradient over its readers in place, against one process on the reference path."""
+    source's gradient over its readers in place, against one process on the reference path. The held-out loss,
+    split over the ranks, is compared with kernel=torch only: under Triton's interpreter its 16 forward passes
+    cost about 18 s and test no more of the kernel than the step does."""
     if kernel == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("the fused kernel needs a GPU or TRITON_INTERPRET=1")
+    held_out = ["--eval-every=1", "--eval-samples=8"] if kernel == "torch" else ["--eval-every=0"]
     common = ["--data=shapes", *TINY, "--image-size=8", "--routing=dynamic", "--chunk=2", "--global-batch-size=8",
-              "--max-steps=1", "--log-every=1", "--eval-every=1", "--eval-samples=8", "--sample-every=0",
+              "--max-steps=1", "--log-every=1", *held_out, "--sample-every=0",
               "--ckpt-every=1"]  # one step: its weights and held-out loss follow from the summed gradients
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = [sys.executable, "train.py", *common, "--micro-batch-size=4", "--kernel=torch",
@@ -150,6 +153,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, kernel):
     # kernel, the order of its fp32 sums).
     np.testing.assert_allclose(losses(log2), losses(log1), rtol=1e-5)
     e1, e2 = ([r["eval_loss"] for r in log if "eval_loss" in r] for log in (log1, log2))
+    assert len(e1) == (kernel == "torch")
     np.testing.assert_allclose(e2, e1, rtol=1e-5)
     w1, w2 = (load_checkpoint(str(tmp_path / run / "checkpoints" / "0000001.pt"))["model"] for run in ("one", "two"))
     for name in w1:
