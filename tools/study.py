@@ -71,6 +71,7 @@ def predicted(L):
     return tuple((L * (1 - a) / (1 + a)) ** 0.5 for a in ALPHAS)
 
 Run = namedtuple("Run", "part depth name flags seeds steps")
+EVALUATED = ("main", "width")  # the parts whose runs get sample quality and routing distances
 
 
 def plan(tiny=False):
@@ -168,7 +169,7 @@ def train(out, record, tiny, log=print, jobs=1):
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     pending = sorted(((run, seed) for run in plan(tiny) for seed in run.seeds if not recorded(record, run, seed)),
                      key=order)
-    if not tiny and any(run.part in ("main", "width") for run, _ in pending):
+    if not tiny and any(run.part in EVALUATED for run, _ in pending):
         from toy_accuracy import load_classifier
         load_classifier(16, CLASSIFIER)  # trained once, here, before the runs that share it
 
@@ -188,7 +189,7 @@ def train(out, record, tiny, log=print, jobs=1):
             subprocess.run([sys.executable, "train.py", *common, f"--depth={run.depth}", *run.flags,
                             f"--seed={seed}", f"--max-steps={run.steps}", f"--results-dir={path}", *resume], cwd=ROOT,
                            check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads})
-        if run.part in ("main", "width"):
+        if run.part in EVALUATED:
             evaluate(path, run, tiny, threads)
         keep(path, run_dir(record, run, seed))
         log(f"{run.part} depth {run.depth} {run.name} seed {seed}: {time.time() - start:.0f} s")
@@ -404,8 +405,8 @@ def sweep_section(record, out, tiny):
         if not found:
             continue
         common = sorted(set.intersection(*(set(v) for v in found.values())))  # paired: seeds every S has
-        sweep = {s: [v[seed] for seed in common] if common else list(v.values()) for s, v in found.items()}
-        before = {s: [v[seed] for seed in common] if common else list(v.values()) for s, v in earlier.items()}
+        paired = lambda by_s: {s: [v[seed] for seed in common] if common else list(v.values()) for s, v in by_s.items()}
+        sweep, before = paired(found), paired(earlier)
         sizes |= set(sweep)
         means.append(f"| {depth} | {len(common) or 'unpaired'} | "
                      + " | ".join(f"{np.mean(sweep[s]):.4f}" if s in sweep else "-" for s in columns) + " |")
@@ -451,9 +452,8 @@ def long_section(record, out, tiny):
     for run in runs:
         steps, by_seed = curves(record, run)
         if by_seed:
-            losses = np.array(list(by_seed.values()))  # (seeds, points)
-            early, quarter = losses[:, steps.index(upto)].mean(), last_quarter(steps)
-            found[chunk(run)] = (early, losses[:, -1].mean(), 1 - losses[:, -1].mean() / losses[:, quarter].mean())
+            mean = np.mean(list(by_seed.values()), axis=0)  # over seeds, at every evaluation
+            found[chunk(run)] = (mean[steps.index(upto)], mean[-1], 1 - mean[-1] / mean[last_quarter(steps)])
     if not found:
         return []
     sizes, (early, final, falls) = list(found), map(np.array, zip(*found.values()))
@@ -593,7 +593,7 @@ CONTRASTS = [("timestep-aware queries (Table 2)", "explicit c4", "static c4"),
 
 def contrast_section(record, tiny):
     """CONTRASTS at the main part's last step: held-out loss (EMA and raw) and the guided samples' quality."""
-    main = {r.name: r for r in plan(tiny) if r.part in ("main", "width")}
+    main = {r.name: r for r in plan(tiny) if r.part in EVALUATED}
     rows = []
     for claim, a, b in CONTRASTS:
         if a not in main or b not in main:
@@ -617,7 +617,7 @@ def contrast_section(record, tiny):
 def quality_section(record, tiny):
     """Accuracy and toy FID of the final EMA samples per variant and guidance, with the paired difference to
     residual routing of the same width (the first run of its part); and the routing distances by step."""
-    main = [r for r in plan(tiny) if r.part in ("main", "width")]
+    main = [r for r in plan(tiny) if r.part in EVALUATED]
     rows = []
     for g in GUIDANCE:
         for run in main:
